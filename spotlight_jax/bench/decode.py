@@ -1,0 +1,120 @@
+"""`python -m spotlight_jax.bench decode`: the dense decode step of a real-shape model with random weights.
+
+Each measurement is one jitted `fori_loop` of `--steps` decode steps through the same model code generate() uses
+(every step reads all weights and the whole live KV cache, and writes one new row), so dispatch is amortised.
+Roofline = (weights read + KV cache read) / 3.0 TB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spotlight_jax.bench.common import median, roofline_us, time_jitted, write_results
+from spotlight_jax.config import ModelConfig, RetrievalConfig
+from spotlight_jax.model import CausalLM, KVCache, init_cache
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="qwen2.5-7b", help="shape preset: qwen2.5-7b | llama3-8b | smollm2-135m")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--context", type=int, nargs="+", default=[4096, 32768], help="live tokens in the cache")
+    p.add_argument("--steps", type=int, default=32, help="decode steps per timed program")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--name", default="decode_dense", help="results file stem in experiments/results/")
+
+
+def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> CausalLM:
+    """Random weights of the real shapes, created directly on the device (values do not change speed)."""
+    return nnx.jit(lambda: CausalLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))()
+
+
+def weight_bytes_per_step(model: CausalLM, batch: int) -> int:
+    """Bytes of parameters one decode step reads: everything but the embedding table, of which only B rows."""
+    cfg = model.cfg
+    total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    embed = model.embed.embedding[...]
+    if cfg.tie_word_embeddings:  # the table is read whole as the output projection
+        return total
+    return total - embed.nbytes + batch * cfg.hidden_size * embed.dtype.itemsize
+
+
+def random_cache(cfg: ModelConfig, batch: int, max_len: int, dtype, retrieval_cfg=None, seed: int = 1) -> KVCache:
+    cache = init_cache(cfg, batch, max_len, dtype, retrieval_cfg)
+    keys = jax.random.split(jax.random.key(seed), 2 * cfg.num_layers)
+
+    @jax.jit
+    def fill(c, ks):
+        k = tuple(jax.random.normal(ks[2 * i], x.shape, x.dtype) for i, x in enumerate(c.k))
+        v = tuple(jax.random.normal(ks[2 * i + 1], x.shape, x.dtype) for i, x in enumerate(c.v))
+        codes = tuple(
+            None if x is None else jax.random.bits(ks[2 * i], x.shape, jnp.uint32) for i, x in enumerate(c.codes)
+        )
+        return KVCache(k, v, codes)
+
+    return fill(cache, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "hash_graphdef", "steps", "retrieval_cfg"), donate_argnums=4)
+def decode_loop(graphdef, state, hash_graphdef, hash_state, cache, tok, lengths, *, steps, retrieval_cfg):
+    """`steps` greedy decode steps from a filled cache; returns the final token (and cache) so nothing is dead code."""
+    model = nnx.merge(graphdef, state)
+    hashes = nnx.merge(hash_graphdef, hash_state) if hash_graphdef is not None else None
+
+    def body(_, carry):
+        cache, tok, lengths = carry
+        out = model(
+            tok[:, None], positions=lengths[:, None], cache=cache, lengths=lengths + 1,
+            retrieval_cfg=retrieval_cfg, hashes=hashes, logits="last",
+        )  # fmt: skip
+        return out.cache, jnp.argmax(out.logits[:, 0], -1).astype(jnp.int32), lengths + 1
+
+    return jax.lax.fori_loop(0, steps, body, (cache, tok, lengths))
+
+
+def time_decode_steps(model, cfg, batch, context, steps, repeats, retrieval_cfg=None, hashes=None) -> dict:
+    """Median seconds per decode step at `context` live tokens (cache sized context + steps)."""
+    rcfg = retrieval_cfg or RetrievalConfig()
+    graphdef, state = nnx.split(model)
+    hash_graphdef, hash_state = nnx.split(hashes) if hashes is not None else (None, None)
+    tok = jnp.ones((batch,), jnp.int32)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    holder = {"cache": random_cache(cfg, batch, context + steps, model.dtype, rcfg)}
+    cache_bytes = holder["cache"].nbytes()
+
+    def run_once():
+        # The cache is donated and comes back; keep the new one for the next run (same live length each time).
+        cache, t, _ = decode_loop(
+            graphdef, state, hash_graphdef, hash_state, holder["cache"], tok, lengths, steps=steps, retrieval_cfg=rcfg
+        )
+        holder["cache"] = cache
+        return t
+
+    times = time_jitted(run_once, repeats=repeats)
+    del holder
+    return {"step_s": median(times) / steps, "cache_bytes": cache_bytes}
+
+
+def run(args):
+    cfg = ModelConfig.preset(args.model)
+    model = random_model(cfg)
+    rows = []
+    for batch in args.batch:
+        wbytes = weight_bytes_per_step(model, batch)
+        for ctx in args.context:
+            kv_read = 2 * cfg.num_layers * batch * cfg.num_kv_heads * ctx * cfg.head_dim * 2  # bf16 K and V
+            roof = roofline_us(wbytes + kv_read)
+            res = time_decode_steps(model, cfg, batch, ctx, args.steps, args.repeats)
+            step_us = res["step_s"] * 1e6
+            rows.append({
+                "model": args.model, "batch": batch, "context": ctx, "step_us": round(step_us, 1),
+                "roofline_us": round(roof, 1), "x_roofline": round(step_us / roof, 3),
+                "weights_GB": round(wbytes / 1e9, 2), "kv_read_GB": round(kv_read / 1e9, 2),
+                "tokens_per_s": round(batch / res["step_s"], 1),
+            })  # fmt: skip
+            print(rows[-1], flush=True)
+    print(write_results(args.name, rows, {"steps_per_program": args.steps}))

@@ -1,0 +1,189 @@
+"""Frozen configuration dataclasses: the model architecture and the decode-time retrieval settings.
+
+Both are hashable so they can be static arguments of `jax.jit`; make variants with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+# Architectures whose Hugging Face `model_type` maps onto our CausalLM (Llama-style decoder with RoPE + RMSNorm + SwiGLU).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama / Qwen2 / Mistral style decoder."""
+
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int
+    num_layers: int
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    rope_theta: float = 10000.0
+    # Llama-3 style rope scaling as a sorted tuple of (key, value) pairs (hashable); None = plain RoPE.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    max_position_embeddings: int = 8192
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = ""
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}: spotlight_jax supports {SUPPORTED_MODEL_TYPES} "
+                "(Llama 2/3/3.1, Mistral, Qwen2/2.5). Other architectures need their own key table in "
+                "spotlight_jax/convert.py."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def group_size(self) -> int:  # G
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, name: str = "") -> ModelConfig:
+        """Build from a transformers `PretrainedConfig`, a config dict, or a path to `config.json` / its folder."""
+        if isinstance(hf_config, str | os.PathLike):
+            path = os.fspath(hf_config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no config.json at {path}: a model folder needs config.json + *.safetensors")
+            with open(path) as f:
+                hf_config = json.load(f)
+        cfg = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+        model_type = cfg.get("model_type", "<missing>")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: spotlight_jax supports {SUPPORTED_MODEL_TYPES} "
+                "(Llama 2/3/3.1, Mistral, Qwen2/2.5)."
+            )
+        num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        rope_scaling = cfg.get("rope_scaling") or None
+        # transformers v5 folds rope settings into `rope_parameters`.
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        if rope_scaling is None and rope_params.get("rope_type", "default") not in ("default", None):
+            rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        if rope_scaling is not None:
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            if rope_type in (None, "default"):
+                rope_scaling = None
+            elif rope_type != "llama3":
+                raise ValueError(f"unsupported rope_scaling type {rope_type!r}: only 'llama3' scaling is implemented")
+            else:
+                rope_scaling = tuple(sorted((k, v) for k, v in rope_scaling.items() if not isinstance(v, list)))
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else ((eos,) if eos is not None else ())
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
+            model_type=model_type,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            name=name or cfg.get("_name_or_path", ""),
+        )
+
+    # Presets of real shapes: speed work uses them with random weights (values do not change speed).
+    @classmethod
+    def smollm2_135m(cls) -> ModelConfig:
+        return cls(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+            head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+            max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,), name="SmolLM2-135M-Instruct",
+        )  # fmt: skip
+
+    @classmethod
+    def qwen2_5_7b(cls) -> ModelConfig:
+        return cls(
+            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+            head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6, attention_bias=True, model_type="qwen2",
+            max_position_embeddings=131072, eos_token_ids=(151645,), name="Qwen2.5-7B",
+        )  # fmt: skip
+
+    @classmethod
+    def llama3_8b(cls) -> ModelConfig:
+        return cls(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+            head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+            rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                          ("original_max_position_embeddings", 8192), ("rope_type", "llama3")),
+            bos_token_id=128000, eos_token_ids=(128001, 128009), name="Llama-3.1-8B",
+        )  # fmt: skip
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        presets = {"smollm2-135m": cls.smollm2_135m, "qwen2.5-7b": cls.qwen2_5_7b, "llama3-8b": cls.llama3_8b}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name]()
+
+
+METHODS = ("dense", "oracle", "linear", "spotlight", "quest")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """How decode-step attention picks the KV rows it reads (static under jit).
+
+    `method="dense"` reads everything. The other methods keep, per (batch row, KV head), the top
+    `budget(length) = max(min_keep, ceil(keep_ratio * length))` tokens by their method's score; the selection
+    buffer has the static size `k_max(max_len)`. Layers in `dense_layers` always attend densely.
+    """
+
+    method: str = "dense"
+    keep_ratio: float = 0.02
+    min_keep: int = 20
+    dense_layers: tuple[int, ...] = (0, 1)
+    sink_tokens: int = 0  # always-kept first tokens
+    recent_window: int = 0  # always-kept last tokens
+    bits: int = 128  # code length for `linear` / `spotlight`
+    quest_page_size: int = 16
+    implementation: str | None = None  # "xla" | "pallas" | None (= pallas on GPU, xla elsewhere)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown retrieval method {self.method!r}; choose one of {METHODS}")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.min_keep < 1:
+            raise ValueError(f"min_keep must be >= 1, got {self.min_keep}")
+        if self.bits % 32:
+            raise ValueError(f"bits must be a multiple of 32, got {self.bits}")
+        if self.implementation not in (None, "xla", "pallas"):
+            raise ValueError(f"implementation must be 'xla', 'pallas' or None, got {self.implementation!r}")
+
+    def k_max(self, max_len: int) -> int:
+        """Static size of the selection buffer for a cache of `max_len` tokens."""
+        return min(max_len, max(self.min_keep, math.ceil(self.keep_ratio * max_len)))
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        return self.method != "dense" and layer not in self.dense_layers

@@ -1,0 +1,287 @@
+"""Flax NNX decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5) with a preallocated KV cache.
+
+Prefill (T > 1, cache empty) and decode (T == 1) share one code path. Prefill attends densely over the new
+keys; a decode step writes its key/value at each row's own position and calls `retrieval.decode_attention`,
+which picks dense, oracle, linear, spotlight or quest retrieval from a static `RetrievalConfig`.
+
+Legend: B batch, T query len, S cache len, N q-heads, K kv-heads, G group, H head_dim, D embed, V vocab, W words.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spotlight_jax import retrieval
+from spotlight_jax.config import ModelConfig, RetrievalConfig
+
+
+class KVCache(NamedTuple):
+    """Per-layer caches preallocated for `max_len` tokens; rows are right-padded, `lengths` says what is live."""
+
+    k: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+    v: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+    codes: tuple[jax.Array | None, ...]  # per layer [B, K, S, W] uint32 key codes (None on dense layers)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> dict[str, int]:
+        kv = sum(x.nbytes for x in self.k) + sum(x.nbytes for x in self.v)
+        codes = sum(x.nbytes for x in self.codes if x is not None)
+        return {"kv": kv, "codes": codes}
+
+
+def init_cache(
+    cfg: ModelConfig,
+    batch: int,
+    max_len: int,
+    dtype: Any = jnp.float32,
+    retrieval_cfg: RetrievalConfig | None = None,
+) -> KVCache:
+    """Zeroed cache; code caches exist only on layers that retrieve through binary codes."""
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    words = retrieval_cfg.bits // 32 if retrieval_cfg is not None else 0
+    uses_codes = retrieval_cfg is not None and retrieval_cfg.method in retrieval.CODE_METHODS
+    codes = tuple(
+        jnp.zeros((batch, cfg.num_kv_heads, max_len, words), jnp.uint32)
+        if uses_codes and retrieval_cfg.is_sparse_layer(i)
+        else None
+        for i in range(cfg.num_layers)
+    )
+    return KVCache(
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        codes=codes,
+    )
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] fp32 (or [B, 1, V] with logits="last")
+    cache: KVCache | None
+    qk: dict[int, tuple[jax.Array, jax.Array]] | None  # layer -> (q [B, N, T, H], k [B, K, T, H]) post-RoPE
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RoPE (fp32), with Llama-3 frequency scaling.
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [H/2] in fp32, rescaled as HF `_compute_llama3_parameters` when rope_scaling is llama3."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    scaling = cfg.rope_scaling_dict
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (HF convention). x [B, heads, T, H], positions [B, T]."""
+    angles = positions[:, None, :, None].astype(jnp.float32) * inv_freq  # [B, 1, T, H/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Modules.
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in fp32, cast back to the activation dtype (as HF Llama/Qwen2)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(jnp.float32) * xf.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+def _linear(din: int, dout: int, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg, self.layer = cfg, layer
+        n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = _linear(d, n * h, cfg.attention_bias, dtype, param_dtype, rngs)
+        self.k_proj = _linear(d, k * h, cfg.attention_bias, dtype, param_dtype, rngs)
+        self.v_proj = _linear(d, k * h, cfg.attention_bias, dtype, param_dtype, rngs)
+        self.o_proj = _linear(n * h, d, False, dtype, param_dtype, rngs)
+
+    def __call__(self, x, positions, inv_freq, lengths, cache_kv, retrieval_cfg, hash_module):
+        """x [B, T, D], positions [B, T], lengths [B] (live tokens after this call)."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = self.q_proj(x).reshape(b, t, n, h).transpose(0, 2, 1, 3)  # [B, N, T, H]
+        k = self.k_proj(x).reshape(b, t, kh, h).transpose(0, 2, 1, 3)  # [B, K, T, H]
+        v = self.v_proj(x).reshape(b, t, kh, h).transpose(0, 2, 1, 3)  # [B, K, T, H]
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        scale = 1.0 / math.sqrt(h)
+
+        new_cache = None
+        if cache_kv is None or t > 1:
+            # Prefill from position 0 (or a cache-free forward): dense causal attention over the new keys only.
+            out = causal_attention(q, k, v, lengths, scale)  # [B, N, T, H]
+            if cache_kv is not None:
+                ck, cv, codes = cache_kv
+                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0))
+                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))
+                if codes is not None:
+                    codes = jax.lax.dynamic_update_slice(codes, hash_module.key_codes(k), (0, 0, 0, 0))
+                new_cache = (ck, cv, codes)
+        else:
+            ck, cv, codes = cache_kv
+            pos = positions[:, 0]  # [B] each row writes at its own position
+            ck = _write_rows(ck, k.astype(ck.dtype), pos)
+            cv = _write_rows(cv, v.astype(cv.dtype), pos)
+            if codes is not None:
+                codes = _write_rows(codes, hash_module.key_codes(k), pos)
+            out = retrieval.decode_attention(
+                q[:, :, 0], ck, cv, lengths, scale, layer=self.layer, cfg=retrieval_cfg,
+                code_cache=codes, hash_module=hash_module,
+            )[:, :, None]  # fmt: skip
+            new_cache = (ck, cv, codes)
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, n * h).astype(x.dtype)
+        return self.o_proj(out), new_cache, (q, k)
+
+
+def _write_rows(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
+    """cache [B, K, S, X], new [B, K, 1, X], pos [B] -> cache with row b's token written at pos[b]."""
+    return jax.vmap(lambda c, x, p: jax.lax.dynamic_update_slice(c, x, (0, p, 0)))(cache, new, pos)
+
+
+def causal_attention(q, k, v, lengths, scale):
+    """Dense causal GQA attention. q [B, N, T, H], k/v [B, K, T, H], keys at index >= lengths[b] masked."""
+    b, n, t, h = q.shape
+    kh = k.shape[1]
+    qg = q.reshape(b, kh, n // kh, t, h)
+    logits = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    idx = jnp.arange(t)
+    mask = (idx[None, :] <= idx[:, None])[None] & (idx[None, None, :] < lengths[:, None, None])  # [B, T, S]
+    logits = jnp.where(mask[:, None, None], logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, n, t, h)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(d, f, False, dtype, param_dtype, rngs)
+        self.up_proj = _linear(d, f, False, dtype, param_dtype, rngs)
+        self.down_proj = _linear(f, d, False, dtype, param_dtype, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, lengths, cache_kv, retrieval_cfg, hash_module):
+        a, new_cache, qk = self.attn(
+            self.input_norm(x), positions, inv_freq, lengths, cache_kv, retrieval_cfg, hash_module
+        )
+        x = x + a
+        x = x + self.mlp(self.post_norm(x))
+        return x, new_cache, qk
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only LM. Parameter names mirror HF's so that `convert.KEY_TABLE` stays a short declarative table."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs=None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, param_dtype, rngs)
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int32
+        positions: jax.Array | None = None,  # [B, T] int32; default arange(T)
+        cache: KVCache | None = None,
+        lengths: jax.Array | None = None,  # [B] live tokens per row after this call; default T
+        *,
+        retrieval_cfg: RetrievalConfig | None = None,
+        hashes: Any = None,  # hashing.HashStack (or anything with .for_layer(i)) for code-based retrieval
+        return_qk: bool | tuple[int, ...] = False,
+        logits: str = "all",  # "all" -> [B, T, V]; "last" -> [B, 1, V] at each row's last live token
+    ) -> ModelOutput:
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if lengths is None:
+            lengths = jnp.full((b,), t, jnp.int32)
+        rcfg = retrieval_cfg or RetrievalConfig()
+        inv_freq = rope_inv_freq(self.cfg)
+        qk_layers = set(range(self.cfg.num_layers)) if return_qk is True else set(return_qk or ())
+
+        x = self.embed(tokens)  # [B, T, D]
+        new_k, new_v, new_codes, qk = [], [], [], {}
+        for i, layer in enumerate(self.layers):
+            cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.codes[i])
+            hash_module = hashes.for_layer(i) if (hashes is not None and rcfg.is_sparse_layer(i)) else None
+            x, layer_cache, layer_qk = layer(x, positions, inv_freq, lengths, cache_kv, rcfg, hash_module)
+            if layer_cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+                new_codes.append(layer_cache[2])
+            if i in qk_layers:
+                qk[i] = layer_qk
+        x = self.norm(x)
+        if logits == "last":
+            x = jnp.take_along_axis(x, (lengths - 1 - positions[:, 0])[:, None, None].clip(0, t - 1), axis=1)
+        elif logits != "all":
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
+        if self.lm_head is None:
+            out = jnp.einsum("btd,vd->btv", x, self.embed.embedding[...].astype(x.dtype))
+        else:
+            out = self.lm_head(x)
+        new_cache = KVCache(tuple(new_k), tuple(new_v), tuple(new_codes)) if cache is not None else None
+        return ModelOutput(out.astype(jnp.float32), new_cache, qk if qk_layers else None)
