@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-# Architectures whose Hugging Face `model_type` maps onto our CausalLM (Llama-style decoder with RoPE + RMSNorm + SwiGLU).
+# HF `model_type`s that map onto our CausalLM (Llama-style decoder: RoPE, RMSNorm, SwiGLU).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
