@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import hamming_topk, sparse_decode_attention, spotlight_attention
 from spotlight_jax.config import RetrievalConfig
 
 CODE_METHODS = ("linear", "spotlight")
@@ -40,6 +41,91 @@ def dense_decode_attention(q, k_cache, v_cache, lengths, scale):
     return out.reshape(b, n, h)
 
 
+def group_attention_probs(q, k_cache, lengths, scale):
+    """True attention, group-aggregated: [B, K, S] fp32 = sum over each KV head's G query heads of softmax(q.k)."""
+    b, n, h = q.shape
+    kh, s = k_cache.shape[1], k_cache.shape[2]
+    logits = jnp.einsum("bkgh,bksh->bkgs", q.reshape(b, kh, n // kh, h), k_cache, preferred_element_type=jnp.float32)
+    live = jnp.arange(s)[None, None, None, :] < lengths[:, None, None, None]
+    probs = jax.nn.softmax(jnp.where(live, logits * scale, -jnp.inf), axis=-1)
+    return jnp.sum(probs, axis=2)
+
+
+def topk_by_score(scores, lengths, k_max, budget):
+    """Exact top-`budget` per (b, kv head) of float scores [B, K, S] -> (indices, valid) [B, K, k_max]."""
+    s = scores.shape[-1]
+    live = jnp.arange(s)[None, None, :] < lengths[:, None, None]
+    _, idx = jax.lax.top_k(jnp.where(live, scores, -jnp.inf), k_max)
+    valid = jnp.arange(k_max)[None, None, :] < jnp.minimum(budget, lengths)[:, None, None]
+    return jnp.where(valid, idx, 0).astype(jnp.int32), valid
+
+
+def quest_select(q, k_cache, lengths, k_max, budget, page):
+    """Quest: rank pages of `page` tokens by the upper bound sum_h max(q_h min_h, q_h max_h) of q.k on the page
+    (summed over the group's query heads), keep the top ceil(budget / page) pages -> (indices, valid)."""
+    b, n, h = q.shape
+    kh, s = k_cache.shape[1], k_cache.shape[2]
+    pages = s // page
+    kp = k_cache[:, :, : pages * page].reshape(b, kh, pages, page, h).astype(jnp.float32)
+    pos = jnp.arange(pages * page).reshape(pages, page)
+    live = (pos[None] < lengths[:, None, None])[:, None, :, :, None]  # [B, 1, P, page, 1]
+    kmin = jnp.min(jnp.where(live, kp, jnp.inf), axis=3)  # [B, K, P, H]
+    kmax = jnp.max(jnp.where(live, kp, -jnp.inf), axis=3)
+    qg = q.reshape(b, kh, n // kh, 1, h).astype(jnp.float32)
+    bound = jnp.maximum(qg * kmin[:, :, None], qg * kmax[:, :, None])  # [B, K, G, P, H]
+    bound = jnp.sum(jnp.where(jnp.isfinite(bound), bound, 0.0), axis=(2, 4))  # [B, K, P]
+    page_live = pos[None, :, 0] < lengths[:, None]  # [B, P]
+    n_pages = min(pages, math.ceil(k_max / page))
+    _, top = jax.lax.top_k(jnp.where(page_live[:, None], bound, -jnp.inf), n_pages)  # [B, K, n_pages]
+    idx = (top[..., None] * page + jnp.arange(page)).reshape(b, kh, n_pages * page)
+    rank = jnp.repeat(jnp.arange(n_pages), page)
+    pages_kept = (budget + page - 1) // page  # [B]
+    valid = (rank[None, None] < pages_kept[:, None, None]) & (idx < lengths[:, None, None])
+    return jnp.where(valid, idx, 0).astype(jnp.int32), valid
+
+
+def with_always_kept(indices, valid, lengths, cfg: RetrievalConfig):
+    """Add the sink tokens and the recent window as extra slots; drop them from the selection so none counts twice."""
+    if not cfg.sink_tokens and not cfg.recent_window:
+        return indices, valid
+    lo = lengths[:, None, None] - cfg.recent_window
+    forced = (indices < cfg.sink_tokens) | (indices >= lo)
+    valid = valid & ~forced
+    extra = jnp.concatenate(
+        [jnp.arange(cfg.sink_tokens), jnp.arange(cfg.recent_window)], dtype=jnp.int32
+    )  # sink positions, then offsets into the window
+    b, kh = indices.shape[:2]
+    is_sink = jnp.arange(extra.shape[0]) < cfg.sink_tokens
+    pos = jnp.where(is_sink[None], extra[None], lengths[:, None] - cfg.recent_window + extra[None])  # [B, E]
+    # A slot is live if it is a real token, and a window slot must not repeat a sink token.
+    ok = (pos >= 0) & (pos < lengths[:, None]) & (is_sink[None] | (pos >= cfg.sink_tokens))
+    pos = jnp.broadcast_to(jnp.where(ok, pos, 0)[:, None], (b, kh, pos.shape[1]))
+    ok = jnp.broadcast_to(ok[:, None], pos.shape)
+    return jnp.concatenate([indices, pos], -1), jnp.concatenate([valid, ok], -1)
+
+
+def select(
+    q, k_cache, lengths, scale, *, cfg: RetrievalConfig, code_cache=None, hash_module=None
+) -> tuple[jax.Array, jax.Array]:
+    """The rows a sparse layer's decode step reads: (indices int32, valid bool), both [B, K, k_max (+ kept)]."""
+    k_max = cfg.k_max(k_cache.shape[2])
+    budget = live_budget(lengths, cfg, k_max)
+    if cfg.method in CODE_METHODS:
+        if hash_module is None or code_cache is None:
+            raise ValueError(f"retrieval method {cfg.method!r} needs hash modules and a key-code cache")
+        sel = hamming_topk(
+            hash_module.query_codes(q), code_cache, lengths, k_max, budget, implementation=cfg.implementation
+        )
+        indices, valid = sel.indices, sel.valid
+    elif cfg.method == "oracle":
+        indices, valid = topk_by_score(group_attention_probs(q, k_cache, lengths, scale), lengths, k_max, budget)
+    elif cfg.method == "quest":
+        indices, valid = quest_select(q, k_cache, lengths, k_max, budget, cfg.quest_page_size)
+    else:
+        raise ValueError(f"no selection for method {cfg.method!r}")
+    return with_always_kept(indices, valid, lengths, cfg)
+
+
 def decode_attention(
     q: jax.Array,  # [B, N, H]
     k_cache: jax.Array,  # [B, K, S, H] (already holds this step's key at lengths-1)
@@ -52,9 +138,17 @@ def decode_attention(
     code_cache: jax.Array | None = None,  # [B, K, S, W] uint32
     hash_module=None,
 ) -> jax.Array:  # [B, N, H] fp32
+    """One decode step of one layer: dense on dense layers, else select rows and attend over only those."""
     if not cfg.is_sparse_layer(layer):
         return dense_decode_attention(q, k_cache, v_cache, lengths, scale)
-    raise NotImplementedError(f"retrieval method {cfg.method!r} lands with the Spotlight decoding issue")
-
-
-__all__ = ["CODE_METHODS", "decode_attention", "dense_decode_attention", "live_budget", "math"]
+    if cfg.method in CODE_METHODS and not (cfg.sink_tokens or cfg.recent_window):
+        # The fused path: Hamming top-k and sparse attention back to back (Pallas on GPU).
+        k_max = cfg.k_max(k_cache.shape[2])
+        out = spotlight_attention(
+            q, k_cache, v_cache, hash_module.query_codes(q), code_cache, lengths, k_max,
+            live_budget(lengths, cfg, k_max), scale, implementation=cfg.implementation,
+        )  # fmt: skip
+        return out.astype(jnp.float32)
+    indices, valid = select(q, k_cache, lengths, scale, cfg=cfg, code_cache=code_cache, hash_module=hash_module)
+    out = sparse_decode_attention(q, k_cache, v_cache, indices, valid, scale, implementation=cfg.implementation)
+    return out.astype(jnp.float32)

@@ -1,0 +1,130 @@
+"""Retrieval methods on the decode path: equal to dense when the budget covers everything; exact selections."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pallas_kernels import hamming_topk_reference
+from spotlight_jax import retrieval
+from spotlight_jax.config import ModelConfig, RetrievalConfig
+from spotlight_jax.generate import generate
+from spotlight_jax.hashing import HashConfig, HashStack
+from spotlight_jax.model import CausalLM, init_cache
+
+CFG = ModelConfig(
+    vocab_size=80, hidden_size=48, intermediate_size=96, num_layers=4, num_heads=6, num_kv_heads=2, head_dim=32,
+    max_position_embeddings=1024,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CausalLM(CFG, rngs=nnx.Rngs(3))
+
+
+def _stack(kind, bits):
+    return HashStack(CFG, HashConfig(kind=kind, bits=bits), rngs=nnx.Rngs(5))
+
+
+def _prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, CFG.vocab_size, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("method", ["oracle", "linear", "spotlight", "quest"])
+def test_full_budget_equals_dense_tokens(model, method):
+    prompts = _prompts([9, 30], seed=1)
+    dense = generate(model, prompts, max_new_tokens=12, eos_token_ids=[])
+    rcfg = RetrievalConfig(method=method, keep_ratio=1.0, min_keep=1, bits=64, quest_page_size=4)
+    hashes = _stack("spotlight" if method == "spotlight" else "linear", 64) if method in ("linear", "spotlight") else None
+    out = generate(model, prompts, max_new_tokens=12, retrieval_cfg=rcfg, hashes=hashes, eos_token_ids=[])
+    np.testing.assert_array_equal(out.tokens, dense.tokens)
+
+
+@pytest.mark.parametrize("method", ["oracle", "linear", "quest"])
+def test_full_budget_decode_logits_equal_dense(model, method):
+    """Teacher-forced decode steps through a sparse method equal the dense logits (fp32 tolerance)."""
+    tokens = jnp.asarray(_prompts([24, 24], seed=2))
+    full = model(tokens).logits
+    rcfg = RetrievalConfig(method=method, keep_ratio=1.0, min_keep=1, bits=64, quest_page_size=4, recent_window=2)
+    hashes = _stack("linear", 64) if method == "linear" else None
+    cache = init_cache(CFG, 2, 32, retrieval_cfg=rcfg)
+    cache = model(tokens[:, :8], cache=cache, lengths=jnp.full((2,), 8), retrieval_cfg=rcfg, hashes=hashes).cache
+    for t in range(8, 24):
+        step = model(
+            tokens[:, t : t + 1], positions=jnp.full((2, 1), t), cache=cache, lengths=jnp.full((2,), t + 1),
+            retrieval_cfg=rcfg, hashes=hashes,
+        )  # fmt: skip
+        np.testing.assert_allclose(step.logits[:, 0], full[:, t], atol=2e-5, rtol=2e-5)
+        cache = step.cache
+
+
+def _random_decode_inputs(seed, b=2, n=6, kh=2, s=300, h=32):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (b, n, h))
+    k = jax.random.normal(ks[1], (b, kh, s, h))
+    lengths = jnp.array([s, 181])[:b]
+    return q, k, lengths
+
+
+def test_oracle_selects_exact_topk_of_group_attention():
+    q, k, lengths = _random_decode_inputs(0)
+    rcfg = RetrievalConfig(method="oracle", keep_ratio=0.02, min_keep=5)
+    idx, valid = retrieval.select(q, k, lengths, 0.2, cfg=rcfg)
+    probs = np.asarray(retrieval.group_attention_probs(q, k, lengths, 0.2))  # [B, K, S]
+    for b in range(q.shape[0]):
+        budget = max(5, int(np.ceil(0.02 * int(lengths[b]))))
+        assert int(valid[b, 0].sum()) == budget
+        for h in range(k.shape[1]):
+            live = probs[b, h, : int(lengths[b])]
+            chosen = np.sort(live[np.asarray(idx[b, h])[np.asarray(valid[b, h])]])
+            np.testing.assert_allclose(chosen, np.sort(live)[-budget:], rtol=1e-6)
+
+
+def test_code_selection_equals_reference_scoring():
+    q, k, lengths = _random_decode_inputs(1)
+    stack = HashStack(
+        dataclasses.replace(CFG, num_layers=3), HashConfig(kind="spotlight", bits=128), rngs=nnx.Rngs(1)
+    )
+    hm = stack.for_layer(2)
+    codes = hm.key_codes(k)
+    rcfg = RetrievalConfig(method="spotlight", keep_ratio=0.05, min_keep=3)
+    idx, valid = retrieval.select(q, k, lengths, 0.2, cfg=rcfg, code_cache=codes, hash_module=hm)
+    k_max = rcfg.k_max(k.shape[2])
+    budget = retrieval.live_budget(lengths, rcfg, k_max)
+    ref = hamming_topk_reference(hm.query_codes(q), codes, lengths, k_max, budget)
+    np.testing.assert_array_equal(valid, ref.valid)
+    scores = np.asarray(retrieval.hamming_topk(hm.query_codes(q), codes, lengths, k_max, budget).scores)
+    np.testing.assert_array_equal(np.sort(np.where(valid, scores, -1), -1), np.sort(np.where(ref.valid, ref.scores, -1), -1))
+    assert (np.asarray(idx)[np.asarray(valid)] < np.repeat(np.asarray(lengths), 2 * k_max).reshape(2, 2, k_max)[np.asarray(valid)]).all()
+
+
+def test_sink_and_recent_are_kept_once():
+    q, k, lengths = _random_decode_inputs(2)
+    rcfg = RetrievalConfig(method="oracle", keep_ratio=0.02, min_keep=5, sink_tokens=4, recent_window=8)
+    idx, valid = retrieval.select(q, k, lengths, 0.2, cfg=rcfg)
+    for b in range(2):
+        for h in range(2):
+            chosen = np.asarray(idx[b, h])[np.asarray(valid[b, h])]
+            assert len(chosen) == len(set(chosen.tolist()))  # nothing twice
+            n = int(lengths[b])
+            assert set(range(4)) | set(range(n - 8, n)) <= set(chosen.tolist())
+
+
+def test_sparse_budget_changes_output(model):
+    """At a small budget a sparse method must actually drop rows (the test can fail if selection is a no-op)."""
+    q, k, lengths = _random_decode_inputs(3)
+    v = jax.random.normal(jax.random.key(9), k.shape)
+    rcfg = RetrievalConfig(method="oracle", keep_ratio=0.02, min_keep=4)
+    sparse = retrieval.decode_attention(q, k, v, lengths, 0.2, layer=3, cfg=rcfg)
+    dense = retrieval.dense_decode_attention(q, k, v, lengths, 0.2)
+    assert float(jnp.abs(sparse - dense).max()) > 1e-3
+
+
+def test_code_methods_need_hashes(model):
+    with pytest.raises(ValueError, match="hash"):
+        generate(model, _prompts([5]), retrieval_cfg=RetrievalConfig(method="spotlight"))
