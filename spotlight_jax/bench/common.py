@@ -68,7 +68,7 @@ def write_results(name: str, rows: list[dict], meta: dict | None = None, out_dir
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]

@@ -1,0 +1,94 @@
+"""`python -m spotlight_jax.bench generate`: end-to-end decode tokens/s, dense vs spotlight, at long context.
+
+Same jitted decode loop as `bench decode` (the model code generate() runs), Qwen2.5-7B shape with random bf16 weights
+and a random (untrained) 128-bit SpotlightHash stack: values change neither the bytes moved nor the kernels' work.
+Spotlight's roofline counts what a step must read: weights + the dense layers' whole KV + every sparse layer's key
+codes + the selected K/V rows (k = 2 % of the context).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+from flax import nnx
+
+from spotlight_jax.bench.common import roofline_us, write_results
+from spotlight_jax.bench.decode import random_model, time_decode_steps, weight_bytes_per_step
+from spotlight_jax.config import ModelConfig, RetrievalConfig
+from spotlight_jax.hashing import HashConfig, HashStack
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="qwen2.5-7b", help="shape preset: qwen2.5-7b | llama3-8b | smollm2-135m")
+    p.add_argument("--context", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--batch", type=int, nargs="*", default=None, help="default: 1 and the largest batch dense fits")
+    p.add_argument("--methods", nargs="+", default=["dense", "spotlight"])
+    p.add_argument("--bits", type=int, default=128)
+    p.add_argument("--keep-ratio", type=float, default=0.02)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--memory-fraction", type=float, default=0.9, help="share of free GPU memory the caches may use")
+    p.add_argument("--name", default="generate_speed")
+
+
+def kv_bytes_per_token(cfg: ModelConfig, layers: int | None = None) -> int:
+    return 2 * (layers if layers is not None else cfg.num_layers) * cfg.num_kv_heads * cfg.head_dim * 2  # bf16
+
+
+def largest_dense_batch(cfg: ModelConfig, context: int, weight_bytes: int, fraction: float) -> int:
+    """Largest batch whose bf16 KV cache fits beside the weights (and spotlight's code cache) in device memory."""
+    stats = jax.devices()[0].memory_stats() or {}
+    total = stats.get("bytes_limit", 16 * 2**30)
+    per_seq = context * (kv_bytes_per_token(cfg) + cfg.num_layers * cfg.num_kv_heads * 16)
+    return max(1, int((fraction * total - weight_bytes) // per_seq))
+
+
+def step_roofline_bytes(cfg, method, batch, context, wbytes, rcfg: RetrievalConfig) -> tuple[int, dict]:
+    if method == "dense":
+        kv = batch * context * kv_bytes_per_token(cfg)
+        return wbytes + kv, {"kv_read_GB": kv / 1e9}
+    sparse = [i for i in range(cfg.num_layers) if rcfg.is_sparse_layer(i)]
+    dense_kv = batch * context * kv_bytes_per_token(cfg, cfg.num_layers - len(sparse))
+    codes = batch * len(sparse) * cfg.num_kv_heads * context * rcfg.bits // 8
+    selected = batch * rcfg.k_max(context) * kv_bytes_per_token(cfg, len(sparse))
+    parts = {"kv_read_GB": (dense_kv + selected) / 1e9, "codes_read_GB": codes / 1e9}
+    return wbytes + dense_kv + codes + selected, parts
+
+
+def run(args):
+    cfg = ModelConfig.preset(args.model)
+    model = random_model(cfg)
+    hashes = HashStack(cfg, HashConfig(kind="spotlight", bits=args.bits), rngs=nnx.Rngs(0))
+    rows = []
+    for ctx in args.context:
+        wbytes = weight_bytes_per_step(model, 1)
+        batches = args.batch or sorted({1, largest_dense_batch(cfg, ctx + args.steps, wbytes, args.memory_fraction)})
+        for batch in batches:
+            for method in args.methods:
+                rcfg = RetrievalConfig(method=method, keep_ratio=args.keep_ratio, bits=args.bits)
+                try:
+                    res = time_decode_steps(
+                        model, cfg, batch, ctx, args.steps, args.repeats, rcfg,
+                        hashes if method in ("spotlight", "linear") else None,
+                    )  # fmt: skip
+                except Exception as e:  # noqa: BLE001 - an OOM at one size must not lose the other rows
+                    print(f"{method} batch {batch} context {ctx}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                nbytes, parts = step_roofline_bytes(cfg, method, batch, ctx, weight_bytes_per_step(model, batch), rcfg)
+                step_ms = res["step_s"] * 1e3
+                rows.append({
+                    "method": method, "context": ctx, "batch": batch, "step_ms": round(step_ms, 3),
+                    "tokens_per_s": round(batch / res["step_s"], 1),
+                    "roofline_ms": round(roofline_us(nbytes) / 1e3, 3),
+                    "x_roofline": round(step_ms / (roofline_us(nbytes) / 1e3), 3),
+                    **{k: round(v, 2) for k, v in parts.items()},
+                    "kv_cache_GB": round(res["cache_bytes"]["kv"] / 1e9, 2),
+                    "code_cache_GB": round(res["cache_bytes"]["codes"] / 1e9, 3),
+                })  # fmt: skip
+                print(rows[-1], flush=True)
+            dense = {r["batch"]: r for r in rows if r["method"] == "dense" and r["context"] == ctx}
+            for r in rows:
+                if r["context"] == ctx and r["batch"] in dense and r["method"] != "dense":
+                    r["speedup_vs_dense"] = round(r["tokens_per_s"] / dense[r["batch"]]["tokens_per_s"], 2)
+    print(write_results(args.name, rows, {"steps_per_program": args.steps, "model": args.model}))
