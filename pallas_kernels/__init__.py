@@ -1,0 +1,41 @@
+"""Pallas (Triton) GPU kernels for Spotlight Attention decoding, each with a pure-XLA reference.
+
+- :func:`pack_bits`: signs -> little-endian packed uint32 codes.
+- :func:`hamming_scores` / :func:`hamming_topk`: XNOR-popcount retrieval scores and exact top-k
+  selection by counting (no sort).
+- :func:`sparse_decode_attention`: exact softmax decode attention over gathered selected rows.
+- :func:`spotlight_attention`: the two composed (one decode step of one layer).
+"""
+
+from pallas_kernels._common import default_implementation, default_interpret
+from pallas_kernels.hamming_topk import (
+    TopK,
+    hamming_scores,
+    hamming_scores_reference,
+    hamming_topk,
+    hamming_topk_reference,
+)
+from pallas_kernels.pack_bits import pack_bits, pack_bits_reference
+from pallas_kernels.sparse_decode_attention import (
+    dense_decode_attention_reference,
+    sparse_decode_attention,
+    sparse_decode_attention_reference,
+)
+from pallas_kernels.spotlight_attention import spotlight_attention, spotlight_attention_reference
+
+__all__ = [
+    "TopK",
+    "default_implementation",
+    "dense_decode_attention_reference",
+    "default_interpret",
+    "hamming_scores",
+    "hamming_scores_reference",
+    "hamming_topk",
+    "hamming_topk_reference",
+    "pack_bits",
+    "pack_bits_reference",
+    "sparse_decode_attention",
+    "sparse_decode_attention_reference",
+    "spotlight_attention",
+    "spotlight_attention_reference",
+]

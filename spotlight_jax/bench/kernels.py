@@ -1,0 +1,290 @@
+"""``python -m spotlight_jax.bench kernels``: speed of the retrieval and sparse-attention kernels.
+
+For every (model shape, batch, cache length) it times, inside one jitted program, many calls on
+inputs that change per call (distinct query codes / index sets; key codes and KV caches rotated
+among enough copies that their total exceeds the 50 MB L2), and reports the median per call:
+
+- ``topk``: hamming_topk (codes in HBM -> indices in HBM), Pallas vs XLA (popcount + lax.top_k);
+- ``attention``: sparse_decode_attention over k = keep_ratio * S selected rows, Pallas vs XLA;
+- ``spotlight``: both together, vs the dense decode baselines (cuDNN ``dot_product_attention`` and
+  ``pallas.ops.gpu.decode_attention.gqa``) at the ``--dense-lengths``.
+
+Achieved bandwidth counts the minimal bytes (codes read once + indices written; selected K/V rows
+read once) against ``--peak-tbs`` (3.0 TB/s measured on the H100, device-to-device copy).
+"""
+
+# ruff: noqa: B023 - the timed lambdas are called inside the loop iteration that defines them
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODELS = {  # name: (query heads N, KV heads K, head_dim H)
+    "qwen2.5-7b": (28, 4, 128),
+    "llama-3-8b": (32, 8, 128),
+}
+L2_BYTES = 50 * 2**20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--lengths", default="32768,131072,524288,1048576")
+    parser.add_argument("--dense-lengths", default="131072", help="lengths where dense baselines run")
+    parser.add_argument("--bits", type=int, default=128)
+    parser.add_argument("--keep-ratio", type=float, default=0.02)
+    parser.add_argument("--ops", default="topk,attention,spotlight")
+    parser.add_argument("--reps", type=int, default=9, help="timed repetitions (median reported)")
+    parser.add_argument("--no-xla", action="store_true", help="skip the XLA references")
+    parser.add_argument("--xla-max-length", type=int, default=1 << 20)
+    parser.add_argument("--max-kv-gb", type=float, default=20.0, help="skip attention above this KV size")
+    parser.add_argument("--peak-tbs", type=float, default=3.0)
+    parser.add_argument("--topk-variants", default="", help="extra hamming_topk settings: 'block_s:T;...'")
+    parser.add_argument("--profile", action="store_true", help="print per-kernel device times (profiler)")
+    parser.add_argument("--out", default=None, help="JSON path (default experiments/results/kernels_<device>.json)")
+
+
+PROFILE = False
+LAST_PROFILE = None  # (device us per call, {kernel: us per call}) of the last profiled timing
+
+
+def _profile_kernels(many, arg_sets, label: str) -> None:
+    """Device time per kernel name (per call) from a profiler trace of one run of ``many``."""
+    import glob
+    import gzip
+    import tempfile
+    from collections import defaultdict
+
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        jax.block_until_ready(many(arg_sets))
+    files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        print("    (no trace)")
+        return
+    with gzip.open(files[0]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pnames = {
+        e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    tot, cnt = defaultdict(float), defaultdict(int)
+    for e in events:
+        if e.get("ph") == "X" and "gpu" in pnames.get(e.get("pid"), "").lower() and "dur" in e:
+            tot[e["name"]] += e["dur"]
+            cnt[e["name"]] += 1
+    n = len(arg_sets)
+    if not tot:
+        print("    processes:", sorted(set(pnames.values()))[:10])
+    total = sum(tot.values()) / n
+    print(f"    [profile {label}] device us/call: {total:.1f}")
+    for name, t in sorted(tot.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"      {t / n:8.2f} us  x{cnt[name] / n:.0f}  {name[:90]}")
+    return total, {name: round(t / n, 2) for name, t in tot.items()}
+
+
+def _median_call_us(fn, arg_sets, reps: int, label: str = "") -> float:
+    """Median wall time per call of ``fn`` over ``len(arg_sets)`` calls unrolled in one jit."""
+    many = jax.jit(lambda sets: [fn(*a) for a in sets])
+    jax.block_until_ready(many(arg_sets))  # compile + warm up
+    global LAST_PROFILE
+    LAST_PROFILE = None
+    if PROFILE and label:
+        try:
+            LAST_PROFILE = _profile_kernels(many, arg_sets, label)
+        except Exception as e:  # noqa: BLE001 - profiling is best effort
+            print(f"    profile failed: {type(e).__name__}: {str(e)[:200]}")
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(arg_sets))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(arg_sets) * 1e6
+
+
+def _copies(nbytes: int, cap: int = 32) -> int:
+    return int(min(cap, max(2, math.ceil(4 * L2_BYTES / max(nbytes, 1)))))
+
+
+def _rand_codes(key, shape):
+    return jax.random.bits(key, shape, jnp.uint32)
+
+
+def _kv_cache(key, b, kv, s, h, dtype=jnp.bfloat16):
+    """Random-looking cache without a full-size fp32 temporary: tile a random 4096-row slab."""
+    rows = min(s, 4096)
+    slab = jax.random.normal(key, (b, kv, rows, h), jnp.float32).astype(dtype)
+    return jnp.tile(slab, (1, 1, math.ceil(s / rows), 1))[:, :, :s]
+
+
+def _row(res, name, us, nbytes, peak, **extra):
+    r = dict(op=name, us=round(us, 2), bytes=int(nbytes), tbs=round(nbytes / us * 1e-6, 3))
+    r["frac_peak"] = round(r["tbs"] / peak, 3)
+    if LAST_PROFILE is not None:
+        r["device_us"] = round(LAST_PROFILE[0], 2)
+        r["device_tbs"] = round(nbytes / max(LAST_PROFILE[0], 1e-9) * 1e-6, 3)
+        r["kernels_us"] = LAST_PROFILE[1]
+    r.update(extra)
+    res.append(r)
+    dev_s = f"  device {r['device_us']:8.1f} us {r['device_tbs']:5.2f} TB/s" if "device_us" in r else ""
+    print(f"    {name:34s} {us:10.1f} us  {r['tbs']:6.2f} TB/s  {r['frac_peak']:5.2f} of peak{dev_s}", flush=True)
+    return r
+
+
+def run(args: argparse.Namespace) -> dict:
+    from pallas_kernels import hamming_topk_reference, sparse_decode_attention_reference
+    from pallas_kernels.hamming_topk import hamming_topk_rows
+    from pallas_kernels.sparse_decode_attention import sparse_decode_attention_rows
+
+    global PROFILE
+    PROFILE = args.profile
+    dev = jax.devices()[0]
+    peak = args.peak_tbs
+    meta = dict(
+        device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+        jax=jax.__version__,
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        peak_tbs=peak,
+        timing="us: median over reps of (wall time of one jit with N unrolled calls on rotating inputs) / N; "
+        "device_us: sum of kernel durations per call from a profiler trace (no launch gaps)",
+    )
+    path = args.out or os.path.join(
+        "experiments", "results", f"kernels_{meta['device'].split(':')[-1].replace(' ', '_') or 'cpu'}.json"
+    )
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    ops = set(args.ops.split(","))
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.topk_variants.split(";") if v]
+    dense_lengths = {int(x) for x in args.dense_lengths.split(",") if x}
+    results = []
+    key = jax.random.PRNGKey(0)
+    w = args.bits // 32
+    for model in args.models.split(","):
+        n, kv, h = MODELS[model]
+        for b in (int(x) for x in args.batches.split(",")):
+            for s in (int(x) for x in args.lengths.split(",")):
+                k = max(1, math.ceil(args.keep_ratio * s))
+                cfg = dict(model=model, batch=b, length=s, k=k, bits=args.bits)
+                print(f"== {model} B={b} S={s} k={k}", flush=True)
+                code_bytes = b * kv * s * w * 4
+                ncodes = _copies(code_bytes)
+                calls = max(ncodes, 8)
+                keys = jax.random.split(jax.random.fold_in(key, s * 131 + b), 8)
+                lengths = jnp.full((b,), s, jnp.int32)
+                budget = jnp.full((b,), k, jnp.int32)
+                codes = [_rand_codes(jax.random.fold_in(keys[0], i), (b, kv, s, w)) for i in range(ncodes)]
+                qcodes = [_rand_codes(jax.random.fold_in(keys[1], i), (b, n, w)) for i in range(calls)]
+                topk_sets = [(qcodes[i], codes[i % ncodes], lengths, budget) for i in range(calls)]
+                topk_bytes = code_bytes + b * kv * k * 4
+                if "topk" in ops or "spotlight" in ops:
+                    for bs, t in [(1024, 32)] + variants:
+                        fn = lambda q, c, ln, bu, bs=bs, t=t: hamming_topk_rows(
+                            q, c, ln, bu, k=k, block_s=bs, num_thresholds=t
+                        )[0]
+                        us = _median_call_us(fn, topk_sets, args.reps, f"topk bs={bs} T={t}")
+                        _row(
+                            results,
+                            f"topk_pallas(bs={bs},T={t})",
+                            us,
+                            topk_bytes,
+                            peak,
+                            **cfg,
+                            target_us=round(max(8.0, 1.5 * code_bytes / (peak * 1e6)), 2),
+                        )
+                    if not args.no_xla and s <= args.xla_max_length:
+                        fn = lambda q, c, ln, bu: hamming_topk_reference(q, c, ln, k, bu).indices
+                        us = _median_call_us(fn, topk_sets[: max(2, min(calls, 8))], max(3, args.reps // 2), "topk xla")
+                        _row(results, "topk_xla(popcount+lax.top_k)", us, topk_bytes, peak, **cfg)
+                del topk_sets
+                kv_bytes = 2 * b * kv * s * h * 2
+                if kv_bytes > args.max_kv_gb * 1e9 or not ({"attention", "spotlight"} & ops):
+                    codes.clear()
+                    continue
+                ncache = _copies(kv_bytes, cap=4)
+                caches = [
+                    (
+                        _kv_cache(jax.random.fold_in(keys[2], i), b, kv, s, h),
+                        _kv_cache(jax.random.fold_in(keys[3], i), b, kv, s, h),
+                    )
+                    for i in range(ncache)
+                ]
+                qs = [jax.random.normal(jax.random.fold_in(keys[4], i), (b, n, h), jnp.bfloat16) for i in range(calls)]
+                sel_bytes = 2 * b * kv * k * h * 2 + b * kv * k * 4
+                if "attention" in ops:
+                    rng = np.random.default_rng(s + b)
+                    idx_sets = [
+                        jnp.asarray(np.sort(rng.integers(0, s, (b * kv, k)), axis=-1).astype(np.int32))
+                        for _ in range(calls)
+                    ]
+                    nvalid = jnp.full((b * kv,), k, jnp.int32)
+                    att_sets = [(qs[i], *caches[i % ncache], idx_sets[i], nvalid) for i in range(calls)]
+                    fn = lambda q, kc, vc, ix, nv: sparse_decode_attention_rows(q, kc, vc, ix, nv)
+                    us = _median_call_us(fn, att_sets, args.reps, "attention")
+                    _row(
+                        results,
+                        "attention_pallas",
+                        us,
+                        sel_bytes,
+                        peak,
+                        **cfg,
+                        target_us=round(max(8.0, 1.5 * 2 * b * kv * k * h * 2 / (peak * 1e6)), 2),
+                    )
+                    if not args.no_xla and s <= args.xla_max_length:
+                        valid = jnp.ones((b, kv, k), bool)
+                        fn = lambda q, kc, vc, ix: sparse_decode_attention_reference(
+                            q, kc, vc, ix.reshape(b, kv, k), valid
+                        )
+                        us = _median_call_us(fn, [a[:4] for a in att_sets], args.reps, "attention xla")
+                        _row(results, "attention_xla(gather+softmax)", us, sel_bytes, peak, **cfg)
+                    del att_sets, idx_sets
+                if "spotlight" in ops:
+                    from pallas_kernels import spotlight_attention
+
+                    sp_sets = [
+                        (qs[i], *caches[i % ncache], qcodes[i], codes[i % ncodes], lengths, budget)
+                        for i in range(calls)
+                    ]
+                    fn = lambda q, kc, vc, qc, cc, ln, bu: spotlight_attention(
+                        q, kc, vc, qc, cc, ln, k, bu, implementation="pallas"
+                    )
+                    us = _median_call_us(fn, sp_sets, args.reps, "spotlight")
+                    _row(results, "spotlight_pallas(topk+attention)", us, topk_bytes + sel_bytes, peak, **cfg)
+                    if s in dense_lengths:
+                        dense_bytes = kv_bytes
+                        # Dense baselines read the whole cache in [B, S, K, H] layout.
+                        tcaches = [(kc.transpose(0, 2, 1, 3), vc.transpose(0, 2, 1, 3)) for kc, vc in caches]
+                        dn_sets = [(qs[i], *tcaches[i % ncache]) for i in range(calls)]
+                        try:
+                            fn = lambda q, kc, vc: jax.nn.dot_product_attention(
+                                q[:, None], kc, vc, implementation="cudnn"
+                            )
+                            us = _median_call_us(fn, dn_sets, args.reps, "cudnn")
+                            _row(results, "dense_cudnn", us, dense_bytes, peak, **cfg)
+                        except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+                            print(f"    dense_cudnn failed: {type(e).__name__}: {str(e)[:200]}")
+                        try:
+                            from jax.experimental.pallas.ops.gpu import decode_attention
+
+                            fn = lambda q, kc, vc: decode_attention.gqa(q, kc, vc)
+                            us = _median_call_us(fn, dn_sets, args.reps, "gqa")
+                            _row(results, "dense_pallas_gqa", us, dense_bytes, peak, **cfg)
+                        except Exception as e:  # noqa: BLE001
+                            print(f"    dense_pallas_gqa failed: {type(e).__name__}: {str(e)[:200]}")
+                        del tcaches, dn_sets
+                    del sp_sets
+                del caches, codes
+                with open(path, "w") as f:  # after every configuration: a timeout keeps what ran
+                    json.dump(dict(meta=meta, results=results), f, indent=1)
+    out = dict(meta=meta, results=results)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+    return out

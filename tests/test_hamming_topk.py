@@ -1,0 +1,124 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import hamming_scores, hamming_scores_reference, hamming_topk, hamming_topk_reference
+from pallas_kernels.hamming_topk import level_steps
+from tests.kernel_test_base import INTERPRET, random_codes, rng, scores_np
+
+# (batch, query heads, KV heads, S, bits): covers G in {1, 3, 4, 7, 8} and bits in {32 ... 256}.
+SCORE_CASES = [
+    (1, 3, 3, 255, 32),
+    (3, 9, 3, 513, 64),
+    (2, 8, 2, 40, 128),
+    (1, 28, 4, 300, 128),
+    (3, 32, 4, 77, 256),
+]
+
+
+@pytest.mark.parametrize("b,n,kv,s,bits", SCORE_CASES)
+def test_scores_exact(b, n, kv, s, bits):
+    gen = rng(b * 1000 + s)
+    q = random_codes(gen, (b, n, bits // 32))
+    k = random_codes(gen, (b, kv, s, bits // 32))
+    want = scores_np(q, k)
+    np.testing.assert_array_equal(np.asarray(hamming_scores_reference(jnp.asarray(q), jnp.asarray(k))), want)
+    got = hamming_scores(jnp.asarray(q), jnp.asarray(k), implementation="pallas", interpret=INTERPRET)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def _check_topk(out, q, k, lengths, kk, budget=None):
+    """Exact up to ties: per row, valid count, in-range unique indices, recomputed = returned = reference."""
+    sc = scores_np(q, k)
+    idx, scores, valid = (np.asarray(a) for a in out)
+    b, kv, _ = idx.shape
+    live = np.full(b, kk) if budget is None else np.minimum(np.asarray(budget), kk)
+    for bi in range(b):
+        n_valid = min(live[bi], lengths[bi])
+        masked = np.where(np.arange(sc.shape[2]) < lengths[bi], sc[bi], -1)
+        for h in range(kv):
+            v = valid[bi, h]
+            assert v.sum() == n_valid and v[:n_valid].all(), (bi, h)
+            sel = idx[bi, h][v]
+            assert (sel >= 0).all() and (sel < lengths[bi]).all()
+            assert len(np.unique(sel)) == len(sel)
+            np.testing.assert_array_equal(scores[bi, h][v], sc[bi, h, sel])
+            want = np.sort(masked[h])[::-1][:n_valid]
+            np.testing.assert_array_equal(np.sort(scores[bi, h][v])[::-1], want)
+            # invalid slots hold a safe index
+            assert (idx[bi, h][~v] == 0).all() and (scores[bi, h][~v] == 0).all()
+
+
+# (batch, N, K, S, bits, lengths, k, block_s, T, distinct codes, max blocks per row)
+TOPK_CASES = [
+    pytest.param(3, 9, 3, 513, 64, (3, 255, 513), 40, 128, 32, None, 64, id="ragged-G3"),
+    pytest.param(3, 9, 3, 513, 64, (3, 255, 513), 40, 64, 32, None, 2, id="ragged-G3-inner-loop"),
+    pytest.param(1, 28, 4, 4097, 128, (4097,), 82, 1024, 32, None, 64, id="qwen-4097"),
+    pytest.param(1, 8, 8, 255, 32, (255,), 255, 64, 32, 7, 64, id="G1-k=len-ties"),
+    pytest.param(2, 16, 2, 300, 128, (300, 17), 1, 128, 16, None, 64, id="G8-k1-T16"),
+    pytest.param(2, 14, 2, 130, 256, (130, 64), 200, 32, 8, None, 64, id="G7-k>len-bits256-T8"),
+    pytest.param(1, 4, 1, 1000, 32, (1000,), 100, 64, 4, 3, 4, id="G4-heavy-ties-T4-inner-loop"),
+]
+
+
+@pytest.mark.parametrize("b,n,kv,s,bits,lengths,kk,block_s,t,distinct,max_blocks", TOPK_CASES)
+def test_topk_exact(b, n, kv, s, bits, lengths, kk, block_s, t, distinct, max_blocks):
+    gen = rng(s + kk)
+    q = random_codes(gen, (b, n, bits // 32))
+    k = random_codes(gen, (b, kv, s, bits // 32), distinct)
+    lengths = np.asarray(lengths, np.int32)
+    ref = hamming_topk_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(lengths), kk)
+    _check_topk(ref, q, k, lengths, kk)
+    out = hamming_topk(
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(lengths),
+        kk,
+        implementation="pallas",
+        interpret=INTERPRET,
+        block_s=block_s,
+        num_thresholds=t,
+        max_blocks=max_blocks,
+    )
+    _check_topk(out, q, k, lengths, kk)
+
+
+def test_topk_budget():
+    gen = rng(7)
+    b, n, kv, s, bits, kk = 3, 12, 3, 600, 128, 50
+    q = random_codes(gen, (b, n, bits // 32))
+    k = random_codes(gen, (b, kv, s, bits // 32))
+    lengths = np.array([600, 333, 20], np.int32)
+    budget = np.array([50, 7, 30], np.int32)
+    args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(lengths), kk, jnp.asarray(budget))
+    _check_topk(hamming_topk_reference(*args), q, k, lengths, kk, budget)
+    out = hamming_topk(*args, implementation="pallas", interpret=INTERPRET, block_s=64, max_blocks=4)
+    _check_topk(out, q, k, lengths, kk, budget)
+
+
+def test_topk_detects_wrong_answer():
+    """The checker itself must fail on a non-top selection."""
+    gen = rng(3)
+    q = random_codes(gen, (1, 2, 4))
+    k = random_codes(gen, (1, 1, 100, 4))
+    lengths = np.array([100], np.int32)
+    idx, scores, valid = hamming_topk_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(lengths), 10)
+    worst = np.argsort(scores_np(q, k)[0, 0])[:10]
+    bad = (
+        jnp.asarray(worst[None, None].astype(np.int32)),
+        jnp.asarray(scores_np(q, k)[0, 0, worst][None, None]),
+        valid,
+    )
+    with pytest.raises(AssertionError):
+        _check_topk(bad, q, k, lengths, 10)
+
+
+@pytest.mark.parametrize("num_scores,t", [(33, 32), (897, 32), (2049, 32), (897, 16), (65, 4)])
+def test_level_plan_ends_with_unit_step(num_scores, t):
+    steps = level_steps(num_scores, t)
+    assert steps[-1] == 1
+    w = num_scores
+    for st in steps:
+        assert (t - 1) * st >= w  # the pass's thresholds cover the whole candidate range
+        w = st
