@@ -22,6 +22,12 @@ Kernels (Pallas Triton):
    blocks' counts), in-block ranks (cumsum), scatter of indices and scores; fills the unused
    slots with index 0 / score 0.
 
+Counting (all passes): each token's score becomes a thermometer mask (bit j set iff
+score >= lo + j * step, at most 31 thresholds), and the masks are added into bit-sliced per-lane
+counters with carry-save adders (~3 logic ops per token whatever T); the per-threshold totals are
+extracted once per program (byte-lane SWAR sums). Loops prefetch the next step's loads (Triton
+does not pipeline these loops), and the compaction ranks both classes with one packed cumsum.
+
 Bytes: codes (16 B/token/head at 128 bits) once + int16 scores written once and read once per
 later pass (2 B each) + k indices and scores out.
 
@@ -132,11 +138,93 @@ def _pick_level(
     return jnp.clip(jstar, 0, t - 2), h
 
 
-def _count_ge(
-    s,  # [BS] int32 scores, -1 for tokens past the length
-    thresholds,  # [T] int32
+def _thermometer(
+    s,  # [Q] int32 scores, -1 for dead tokens
+    lo,  # scalar int32 >= 0
+    step: int,
+    t: int,
 ):
-    return jnp.sum((s[:, None] >= thresholds[None, :]).astype(jnp.int32), axis=0)  # [T]
+    """[Q] int32 masks: bit j set iff s >= lo + j * step (j < t <= 31); 0 for dead tokens."""
+    e = jnp.maximum(s - lo + step, 0)
+    b = e if step == 1 else lax.div(e.astype(jnp.uint32), jnp.uint32(step)).astype(jnp.int32)
+    b = jnp.minimum(b, t)
+    return lax.shift_left(jnp.ones_like(b), b) - 1
+
+
+def _bitsliced_add(
+    counters,  # tuple of L [Q] int32: bit j of counters[l] = bit l of lane's count for threshold j
+    masks,  # list of [Q] int32 masks, weight 1
+):
+    """Carry-save addition of the masks into the bit-sliced per-lane counters (counts < 2^L)."""
+    levels = len(counters)
+    cols = [[c] for c in counters]
+    cols[0] = cols[0] + list(masks)
+    for lv in range(levels):
+        col = cols[lv]
+        while len(col) > 1:
+            if len(col) >= 3:
+                a, b, c = col.pop(0), col.pop(0), col.pop(0)
+                ab = a ^ b
+                col.append(ab ^ c)
+                carry = (a & b) | (c & ab)
+            else:
+                a, b = col.pop(0), col.pop(0)
+                col.append(a ^ b)
+                carry = a & b
+            if lv + 1 < levels:
+                cols[lv + 1].append(carry)
+    return tuple(c[0] for c in cols)
+
+
+def _extract_counts(
+    counters,  # tuple of L [Q] int32 bit-sliced counters
+    t: int,
+    lane_max: int,
+):
+    """[T] int32: per threshold, the sum over lanes of the bit-sliced counts."""
+    q = counters[0].shape[0]
+    iota = lax.broadcasted_iota(jnp.int32, (t,), 0)
+    out = jnp.zeros((t,), jnp.int32)
+    if lane_max <= 255 and lane_max * q <= 0xFFFF:
+        # Byte lanes: y_k holds the counts of thresholds k, k+8, k+16, k+24; summed as 16-bit pairs.
+        for k in range(min(8, t)):
+            y = None
+            for lv, c in enumerate(counters):
+                term = lax.shift_right_logical(c, k) & 0x01010101
+                term = term << lv if lv else term
+                y = term if y is None else y + term
+            for sh, js in ((0, (k, k + 16)), (8, (k + 8, k + 24))):
+                tot = jnp.sum(lax.shift_right_logical(y, sh) & 0x00FF00FF)
+                for half, j in enumerate(js):
+                    if j < t:
+                        val = lax.shift_right_logical(tot, 16 * half) & 0xFFFF
+                        out = jnp.where(iota == j, val, out)
+        return out
+    for j in range(t):
+        v = None
+        for lv, c in enumerate(counters):
+            term = lax.shift_right_logical(c, j) & 1
+            term = term << lv if lv else term
+            v = term if v is None else v + term
+        out = jnp.where(iota == j, jnp.sum(v), out)
+    return out
+
+
+def _multiple_of(x, m: int):
+    """``pl.multiple_of`` for traced offsets; plain ints (the prefetch of step 0) pass through."""
+    return pl.multiple_of(x, m) if isinstance(x, jax.core.Tracer) else x
+
+
+def _stream(load, body, steps, init):
+    """fori_loop over ``steps`` iterations that prefetches iteration i + 1's inputs while computing i."""
+
+    def step(it, carry):
+        acc, cur = carry
+        nxt = load(it + 1)
+        return body(it, cur, acc), nxt
+
+    acc, _ = lax.fori_loop(0, steps, step, (init, load(0)))
+    return acc
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,43 +259,67 @@ def _score_count_kernel(
     seq_len: int,
     step: int,
     sub: int,
+    chunks: int,
 ):
     span, w = k_ref.shape
     t = h_ref.shape[0]
+    q = sub // chunks
     planes = _query_planes(q_ref, group, num_planes)
     # score = sum_p 2^p popcount(~(plane_p ^ k)) - (M - G)(bits - popcount(k))
     #       = G * bits + (M - G) popcount(k) - sum_p 2^p popcount(plane_p ^ k)
     extra = (1 << num_planes) - 1 - group
     base = pl.program_id(1) * span
     length = len_ref[0]
-    thresholds = lax.broadcasted_iota(jnp.int32, (t,), 0) * step
+    lim = jnp.minimum(jnp.minimum(length, seq_len), base + span)  # rows >= lim are not read
+    lane = lax.broadcasted_iota(jnp.int32, (q,), 0)
 
-    def body(it, counts):
-        off = pl.multiple_of(it * sub, sub)
-        rows = base + off + lax.broadcasted_iota(jnp.int32, (sub,), 0)
-        in_bounds = rows < seq_len
-        k = plgpu.load(
-            k_ref.at[pl.ds(off, sub), :], mask=jnp.broadcast_to(in_bounds[:, None], (sub, w)), other=0
-        )  # [SUB, W]
-        acc = jnp.zeros((sub,), jnp.int32)
-        for p in range(num_planes):
-            acc += jnp.sum(lax.population_count(k ^ planes[p][None, :]), axis=1) << p
-        score = group * bits - acc
-        if extra:
-            score += extra * jnp.sum(lax.population_count(k), axis=1)
-        score = jnp.where(rows < length, score, -1)
-        plgpu.store(s_ref.at[pl.ds(off, sub)], score.astype(jnp.int16), mask=in_bounds)
-        return counts + _count_ge(score, thresholds)
+    def load(it):
+        out = []
+        for c in range(chunks):
+            off = _multiple_of(it * sub + c * q, q)
+            live = base + off + lane < lim
+            out.append(plgpu.load(k_ref.at[pl.ds(off, q), :], mask=jnp.broadcast_to(live[:, None], (q, w)), other=0))
+        return tuple(out)
 
+    def body(it, codes, counters):
+        masks = []
+        for c in range(chunks):
+            off = _multiple_of(it * sub + c * q, q)
+            rows = base + off + lane
+            k = codes[c]  # [Q, W]
+            acc = jnp.zeros((q,), jnp.int32)
+            for p in range(num_planes):
+                acc += jnp.sum(lax.population_count(k ^ planes[p][None, :]), axis=1) << p
+            score = group * bits - acc
+            if extra:
+                score += extra * jnp.sum(lax.population_count(k), axis=1)
+            score = jnp.where(rows < length, score, -1)
+            plgpu.store(s_ref.at[pl.ds(off, q)], score.astype(jnp.int16), mask=rows < seq_len)
+            masks.append(_thermometer(score, 0, step, min(t, 31)))
+        return _bitsliced_add(counters, masks)
+
+    lane_max = (span // sub) * chunks
+    init = tuple(jnp.zeros((q,), jnp.int32) for _ in range(lane_max.bit_length()))
     steps = jnp.clip((length - base + sub - 1) // sub, 0, span // sub)  # skip sub-blocks past the length
-    h_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((t,), jnp.int32))
+    h_ref[...] = _extract_counts(_stream(load, body, steps, init), t, lane_max)
 
 
-def _load_scores(s_ref, off, sub, base, length):
-    rows = base + off + lax.broadcasted_iota(jnp.int32, (sub,), 0)
-    live = rows < length
-    s = plgpu.load(s_ref.at[pl.ds(off, sub)], mask=live, other=-1).astype(jnp.int32)  # [SUB]
-    return rows, jnp.where(live, s, -1)
+def _score_loader(s_ref, sub, chunks, base, length, seq_len, steps):
+    """Loads of int16 scores as int32, -1 past the length. The load mask (static seq_len, scalar
+    step bound) keeps 8-token groups uniform so that the loads stay 16 bytes wide."""
+    q = sub // chunks
+    lane = lax.broadcasted_iota(jnp.int32, (q,), 0)
+
+    def load(it):
+        out = []
+        for c in range(chunks):
+            off = _multiple_of(it * sub + c * q, q)
+            rows = base + off + lane
+            s = plgpu.load(s_ref.at[pl.ds(off, q)], mask=(rows < seq_len) & (it < steps), other=-1)
+            out.append(jnp.where(rows < length, s.astype(jnp.int32), -1))
+        return tuple(out)
+
+    return load
 
 
 def _refine_kernel(
@@ -218,6 +330,8 @@ def _refine_kernel(
     prev_step: int,
     step: int,
     sub: int,
+    chunks: int,
+    seq_len: int,
     k: int,
     has_prev_lo: bool,
 ):
@@ -232,17 +346,25 @@ def _refine_kernel(
     span = s_ref.shape[0]
     t = h_ref.shape[0]
     length = len_ref[0]
+    base = pl.program_id(1) * span
+    steps = jnp.clip((length - base + sub - 1) // sub, 0, span // sub)
+    load = _score_loader(s_ref, sub, chunks, base, length, seq_len, steps)
+    first = load(0)  # issue the score loads before the count-table reduction
     jstar, _ = _pick_level(hp_ref[...], num_blocks, jnp.minimum(kk_ref[0], k))
     lo = prev_lo + jstar * prev_step
-    base = pl.program_id(1) * span
-    thresholds = lo + lax.broadcasted_iota(jnp.int32, (t,), 0) * step
 
-    def body(it, counts):
-        _, s = _load_scores(s_ref, pl.multiple_of(it * sub, sub), sub, base, length)
-        return counts + _count_ge(s, thresholds)
+    def body(it, scores, counters):
+        return _bitsliced_add(counters, [_thermometer(s, lo, step, min(t, 31)) for s in scores])
 
-    steps = jnp.clip((length - base + sub - 1) // sub, 0, span // sub)
-    h_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((t,), jnp.int32))
+    def step_fn(it, carry):
+        acc, cur = carry
+        nxt = load(it + 1)
+        return body(it, cur, acc), nxt
+
+    lane_max = (span // sub) * chunks
+    init = tuple(jnp.zeros((sub // chunks,), jnp.int32) for _ in range(lane_max.bit_length()))
+    counters, _ = lax.fori_loop(0, steps, step_fn, (init, first))
+    h_ref[...] = _extract_counts(counters, t, lane_max)
     lo_ref[...] = jnp.full((1,), lo, jnp.int32)
 
 
@@ -252,6 +374,7 @@ def _compact_kernel(
     *refs,
     num_blocks: int,
     sub: int,
+    seq_len: int,
     k: int,
     fill: int,
     has_prev_lo: bool,
@@ -268,6 +391,10 @@ def _compact_kernel(
     blk = pl.program_id(1)
     kk = jnp.minimum(kk_ref[0], k)
     length = len_ref[0]
+    base = blk * span
+    steps = jnp.clip((length - base + sub - 1) // sub, 0, span // sub)
+    load = _score_loader(s_ref, sub, 1, base, length, seq_len, steps)
+    first = load(0)  # issue the score loads before the count-table reductions
     jstar, h = _pick_level(h_ref[...], num_blocks, kk)
     nbp, t = h.shape
     col = lax.broadcasted_iota(jnp.int32, (nbp, t), 1)
@@ -279,24 +406,28 @@ def _compact_kernel(
     total_gt = jnp.sum(gt)
     n_valid = jnp.minimum(kk, jnp.sum(ge))
     thr = lo + jstar
-    base = blk * span
+    lane = lax.broadcasted_iota(jnp.int32, (sub,), 0)
 
-    def body(it, carry):
-        n_gt, n_eq = carry
-        rows, s = _load_scores(s_ref, pl.multiple_of(it * sub, sub), sub, base, length)
+    def step_fn(it, carry):
+        (n_gt, n_eq), (s,) = carry
+        nxt = load(it + 1)
+        rows = base + _multiple_of(it * sub, sub) + lane
         is_gt = s > thr
         is_eq = s == thr
-        rank_gt = jnp.cumsum(is_gt.astype(jnp.int32)) - 1
-        rank_eq = jnp.cumsum(is_eq.astype(jnp.int32)) - 1
+        # One scan for both ranks: > thr counts in the low 16 bits, == thr in the high 16 (sub < 2^15).
+        packed = is_gt.astype(jnp.int32) + (is_eq.astype(jnp.int32) << 16)
+        cs = jnp.cumsum(packed)
+        rank_gt = (cs & 0xFFFF) - 1
+        rank_eq = lax.shift_right_logical(cs, 16) - 1
         pos = jnp.where(is_gt, off_gt + n_gt + rank_gt, total_gt + off_eq + n_eq + rank_eq)
         take = (is_gt | is_eq) & (pos < n_valid)
         pos = jnp.where(take, pos, k)  # masked lanes point past the row (dropped in interpret mode)
         plgpu.store(idx_ref.at[pos], rows, mask=take)
         plgpu.store(sc_ref.at[pos], s, mask=take)
-        return n_gt + jnp.sum(is_gt.astype(jnp.int32)), n_eq + jnp.sum(is_eq.astype(jnp.int32))
+        tot = jnp.sum(packed)
+        return (n_gt + (tot & 0xFFFF), n_eq + lax.shift_right_logical(tot, 16)), nxt
 
-    steps = jnp.clip((length - base + sub - 1) // sub, 0, span // sub)
-    lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(0)))
+    lax.fori_loop(0, steps, step_fn, ((jnp.int32(0), jnp.int32(0)), first))
 
     # Unused slots [n_valid, k): this program zero-fills its share of them.
     slots = blk * fill + lax.broadcasted_iota(jnp.int32, (fill,), 0)
@@ -326,7 +457,7 @@ def plan_spans(seq_len: int, rows: int, sub: int, max_blocks: int = 64, target_p
     return sub, span, cdiv(seq_len, span)
 
 
-def _scores_pass(q_codes, k_codes, lengths, *, sub, span, num_thresholds, step, num_warps, interpret):
+def _scores_pass(q_codes, k_codes, lengths, *, sub, span, num_thresholds, step, num_warps, interpret, chunks=4):
     """Pass 1: int16 scores [BK, S] and per-block counts [BK, NBP, T]."""
     b, n, w = q_codes.shape
     kv, s = k_codes.shape[1], k_codes.shape[2]
@@ -342,6 +473,7 @@ def _scores_pass(q_codes, k_codes, lengths, *, sub, span, num_thresholds, step, 
         seq_len=s,
         step=step,
         sub=sub,
+        chunks=min(chunks, sub),
     )
     scores, counts = pl.pallas_call(
         kernel,
@@ -384,7 +516,9 @@ def _hamming_scores_pallas(q_codes, k_codes, *, sub=1024, num_warps=4, interpret
     return scores.astype(jnp.int32).reshape(b, kv, s)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block_s", "num_thresholds", "num_warps", "max_blocks", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("k", "block_s", "num_thresholds", "num_warps", "max_blocks", "chunks", "interpret")
+)
 def hamming_topk_rows(
     q_codes,  # [B, N, W] uint32
     k_codes,  # [B, K, S, W] uint32
@@ -394,23 +528,31 @@ def hamming_topk_rows(
     k: int,
     block_s: int = 1024,
     num_thresholds: int = 32,
-    num_warps: int = 4,
+    num_warps: int = 8,
     max_blocks: int = 64,
+    chunks: int = 4,
     interpret: bool = False,
 ):
     """Pallas top-k; returns (indices [BK, k] int32, scores [BK, k] int32, n_valid [BK] int32).
 
-    ``block_s`` is the number of tokens per inner step of a program. Slots ``>= n_valid`` of a
-    row hold index 0 and score 0. This is the form that ``sparse_decode_attention_rows``
+    ``block_s`` is the number of tokens per inner step of a program (``chunks`` loads of
+    ``block_s / chunks`` tokens; 1 token per thread and chunk at block_s = chunks * 32 * num_warps).
+    At most 31 of the ``num_thresholds`` (a power of two) are used: one bit each in an int32 mask.
+    Slots ``>= n_valid`` of a row hold index 0 and score 0. This is the form that ``sparse_decode_attention_rows``
     consumes without materialising a boolean mask.
     """
     b, n, w = q_codes.shape
     kv, s = k_codes.shape[1], k_codes.shape[2]
     bk, bits = b * kv, 32 * w
     t = num_thresholds
+    t_real = min(t, 31)  # column 31 of a 32-wide count table stays 0 (masks have 31 usable bits)
     sub, span, nb = plan_spans(s, bk, block_s, max_blocks)
+    chunks = min(chunks, sub)
+    # Refine / compact stream 2-byte scores: wider steps (2 * sub tokens, one load, 8 per thread).
+    sub2 = min(span, 2 * sub)
+    sub3 = sub2  # compact: 8 tokens per thread per scan (16 would need ~200 registers: 1 program per SM)
     nbp = next_pow2(nb)
-    steps = level_steps((n // kv) * bits + 1, t)
+    steps = level_steps((n // kv) * bits + 1, t_real)
     lengths = lengths.astype(jnp.int32)
     budget = budget.astype(jnp.int32)
 
@@ -424,6 +566,7 @@ def hamming_topk_rows(
         step=steps[0],
         num_warps=num_warps,
         interpret=interpret,
+        chunks=chunks,
     )
     params = triton_params(num_warps=num_warps, num_stages=2)
     row_spec = pl.BlockSpec((1,), lambda r, i: (r // kv,))
@@ -437,7 +580,9 @@ def hamming_topk_rows(
             num_blocks=nb,
             prev_step=steps[level - 1],
             step=steps[level],
-            sub=sub,
+            sub=sub2,
+            chunks=1,
+            seq_len=s,
             k=k,
             has_prev_lo=lo is not None,
         )
@@ -460,7 +605,9 @@ def hamming_topk_rows(
         )(budget, lengths, *extra, counts, scores)
 
     fill = next_pow2(cdiv(k, nb))
-    kernel = functools.partial(_compact_kernel, num_blocks=nb, sub=sub, k=k, fill=fill, has_prev_lo=lo is not None)
+    kernel = functools.partial(
+        _compact_kernel, num_blocks=nb, sub=sub3, seq_len=s, k=k, fill=fill, has_prev_lo=lo is not None
+    )
     extra = [] if lo is None else [lo]
     out_row_spec = pl.BlockSpec((None, k), lambda r, i: (r, 0))
     idx, sc, nv = pl.pallas_call(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,23 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--name", default="decode_dense", help="results file stem in experiments/results/")
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _random(key, shape, dtype):
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
 def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> CausalLM:
-    """Random weights of the real shapes, created directly on the device (values do not change speed)."""
-    return nnx.jit(lambda: CausalLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))()
+    """Random weights of the real shapes, made on the device one parameter at a time (values do not change speed).
+
+    One small jitted generator per distinct shape (the layers share shapes), instead of one huge program: a single
+    jitted constructor takes minutes to compile at 7B scale.
+    """
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [_random(k, tuple(x.shape), x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
 def weight_bytes_per_step(model: CausalLM, batch: int) -> int:
@@ -44,19 +59,18 @@ def weight_bytes_per_step(model: CausalLM, batch: int) -> int:
 
 
 def random_cache(cfg: ModelConfig, batch: int, max_len: int, dtype, retrieval_cfg=None, seed: int = 1) -> KVCache:
+    """A cache full of random values (never time on zeros), every layer its own buffer (the loop donates them)."""
     cache = init_cache(cfg, batch, max_len, dtype, retrieval_cfg)
-    keys = jax.random.split(jax.random.key(seed), 2 * cfg.num_layers)
-
-    @jax.jit
-    def fill(c, ks):
-        k = tuple(jax.random.normal(ks[2 * i], x.shape, x.dtype) for i, x in enumerate(c.k))
-        v = tuple(jax.random.normal(ks[2 * i + 1], x.shape, x.dtype) for i, x in enumerate(c.v))
-        codes = tuple(
-            None if x is None else jax.random.bits(ks[2 * i], x.shape, jnp.uint32) for i, x in enumerate(c.codes)
-        )
-        return KVCache(k, v, codes)
-
-    return fill(cache, keys)
+    key = jax.random.key(seed)
+    base = _random(key, cache.k[0].shape, dtype) * 50.0  # ~N(0, 1)
+    scaled = jax.jit(lambda x, s: x * s)  # one tiny program, reused for every layer
+    k = tuple(scaled(base, jnp.asarray(1.0 + 1e-3 * i, dtype)) for i in range(cfg.num_layers))
+    v = tuple(scaled(base, jnp.asarray(1.0 - 1e-3 * i, dtype)) for i in range(cfg.num_layers))
+    codes = tuple(
+        None if c is None else jax.random.bits(jax.random.fold_in(key, i), c.shape, jnp.uint32)
+        for i, c in enumerate(cache.codes)
+    )
+    return KVCache(k, v, codes)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hash_graphdef", "steps", "retrieval_cfg"), donate_argnums=4)
@@ -94,14 +108,20 @@ def time_decode_steps(model, cfg, batch, context, steps, repeats, retrieval_cfg=
         holder["cache"] = cache
         return t
 
-    times = time_jitted(run_once, repeats=repeats)
+    t0 = time.perf_counter()
+    jax.block_until_ready(run_once())  # compile + warm-up
+    print(f"  batch {batch} context {context} {rcfg.method}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    times = time_jitted(run_once, repeats=repeats, warmup=0)
     holder.clear()  # free the cache before the next configuration allocates its own
     return {"step_s": median(times) / steps, "cache_bytes": cache_bytes}
 
 
 def run(args):
     cfg = ModelConfig.preset(args.model)
+    t0 = time.perf_counter()
     model = random_model(cfg)
+    jax.block_until_ready(nnx.state(model))
+    print(f"random {args.model} weights ready in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for batch in args.batch:
         wbytes = weight_bytes_per_step(model, batch)

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xla-max-length", type=int, default=1 << 20)
     parser.add_argument("--max-kv-gb", type=float, default=20.0, help="skip attention above this KV size")
     parser.add_argument("--peak-tbs", type=float, default=3.0)
-    parser.add_argument("--topk-variants", default="", help="extra hamming_topk settings: 'block_s:T;...'")
+    parser.add_argument("--topk-variants", default="", help="extra hamming_topk settings: 'block_s:T[:num_warps];...'")
     parser.add_argument("--profile", action="store_true", help="print per-kernel device times (profiler)")
     parser.add_argument("--out", default=None, help="JSON path (default experiments/results/kernels_<device>.json)")
 
@@ -185,14 +185,19 @@ def run(args: argparse.Namespace) -> dict:
                 topk_sets = [(qcodes[i], codes[i % ncodes], lengths, budget) for i in range(calls)]
                 topk_bytes = code_bytes + b * kv * k * 4
                 if "topk" in ops or "spotlight" in ops:
-                    for bs, t in [(1024, 32)] + variants:
-                        fn = lambda q, c, ln, bu, bs=bs, t=t: hamming_topk_rows(
-                            q, c, ln, bu, k=k, block_s=bs, num_thresholds=t
+                    for bs, t, *nw in [(1024, 32)] + variants:
+                        nw = nw[0] if nw else 8
+                        fn = lambda q, c, ln, bu, bs=bs, t=t, nw=nw: hamming_topk_rows(
+                            q, c, ln, bu, k=k, block_s=bs, num_thresholds=t, num_warps=nw
                         )[0]
-                        us = _median_call_us(fn, topk_sets, args.reps, f"topk bs={bs} T={t}")
+                        try:
+                            us = _median_call_us(fn, topk_sets, args.reps, f"topk bs={bs} T={t} warps={nw}")
+                        except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+                            print(f"    topk bs={bs} T={t} warps={nw} failed: {type(e).__name__}: {str(e)[:300]}")
+                            continue
                         _row(
                             results,
-                            f"topk_pallas(bs={bs},T={t})",
+                            f"topk_pallas(bs={bs},T={t},w={nw})",
                             us,
                             topk_bytes,
                             peak,
