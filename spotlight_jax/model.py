@@ -178,8 +178,14 @@ class Attention(nnx.Module):
 
 
 def _write_rows(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
-    """cache [B, K, S, X], new [B, K, 1, X], pos [B] -> cache with row b's token written at pos[b]."""
-    return jax.vmap(lambda c, x, p: jax.lax.dynamic_update_slice(c, x, (0, p, 0)))(cache, new, pos)
+    """cache [B, K, S, X], new [B, K, 1, X], pos [B] -> cache with row b's token written at pos[b].
+
+    One `dynamic_update_slice` per row (B is static and small): XLA updates the loop-carried cache in place. A
+    vmapped update becomes a scatter, which the GPU compiler was seen to double-buffer (a full cache copy a step).
+    """
+    for b in range(cache.shape[0]):
+        cache = jax.lax.dynamic_update_slice(cache, new[b : b + 1], (b, 0, pos[b], 0))
+    return cache
 
 
 def causal_attention(q, k, v, lengths, scale):

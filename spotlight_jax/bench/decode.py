@@ -109,11 +109,16 @@ def time_decode_steps(model, cfg, batch, context, steps, repeats, retrieval_cfg=
         return t
 
     t0 = time.perf_counter()
+    compiled = decode_loop.lower(
+        graphdef, state, hash_graphdef, hash_state, holder["cache"], tok, lengths, steps=steps, retrieval_cfg=rcfg
+    ).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes  # a whole-cache copy inside the loop would show up here
+    print(f"  compiled: temp {temp / 1e9:.2f} GB beside a {cache_bytes['kv'] / 1e9:.2f} GB KV cache", flush=True)
     jax.block_until_ready(run_once())  # compile + warm-up
     print(f"  batch {batch} context {context} {rcfg.method}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     times = time_jitted(run_once, repeats=repeats, warmup=0)
     holder.clear()  # free the cache before the next configuration allocates its own
-    return {"step_s": median(times) / steps, "cache_bytes": cache_bytes}
+    return {"step_s": median(times) / steps, "cache_bytes": cache_bytes, "temp_bytes": temp}
 
 
 def run(args):
@@ -134,7 +139,7 @@ def run(args):
                 "model": args.model, "batch": batch, "context": ctx, "step_us": round(step_us, 1),
                 "roofline_us": round(roof, 1), "x_roofline": round(step_us / roof, 3),
                 "weights_GB": round(wbytes / 1e9, 2), "kv_read_GB": round(kv_read / 1e9, 2),
-                "tokens_per_s": round(batch / res["step_s"], 1),
+                "tokens_per_s": round(batch / res["step_s"], 1), "xla_temp_GB": round(res["temp_bytes"] / 1e9, 2),
             })  # fmt: skip
             print(rows[-1], flush=True)
     print(write_results(args.name, rows, {"steps_per_program": args.steps}))

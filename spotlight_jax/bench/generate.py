@@ -85,6 +85,7 @@ def run(args):
                     **{k: round(v, 2) for k, v in parts.items()},
                     "kv_cache_GB": round(res["cache_bytes"]["kv"] / 1e9, 2),
                     "code_cache_GB": round(res["cache_bytes"]["codes"] / 1e9, 3),
+                    "xla_temp_GB": round(res["temp_bytes"] / 1e9, 2),
                 })  # fmt: skip
                 print(rows[-1], flush=True)
             dense = {r["batch"]: r for r in rows if r["method"] == "dense" and r["context"] == ctx}
