@@ -39,7 +39,9 @@ def kv_bytes_per_token(cfg: ModelConfig, layers: int | None = None) -> int:
 def largest_dense_batch(cfg: ModelConfig, context: int, weight_bytes: int, fraction: float) -> int:
     """Largest batch whose bf16 KV cache fits beside the weights (and spotlight's code cache) in device memory."""
     stats = jax.devices()[0].memory_stats() or {}
-    total = stats.get("bytes_limit", 16 * 2**30)
+    if "bytes_limit" not in stats:
+        raise SystemExit("this allocator reports no memory limit: pass --batch explicitly")
+    total = stats["bytes_limit"]
     per_seq = context * (kv_bytes_per_token(cfg) + cfg.num_layers * cfg.num_kv_heads * 16)
     return max(1, int((fraction * total - weight_bytes) // per_seq))
 
@@ -64,6 +66,7 @@ def run(args):
     for ctx in args.context:
         wbytes = weight_bytes_per_step(model, 1)
         batches = args.batch or sorted({1, largest_dense_batch(cfg, ctx + args.steps, wbytes, args.memory_fraction)})
+        print(f"context {ctx}: batches {batches}", flush=True)
         for batch in batches:
             for method in args.methods:
                 rcfg = RetrievalConfig(method=method, keep_ratio=args.keep_ratio, bits=args.bits)
