@@ -101,12 +101,23 @@ def _generate_jit(
 ):
     model = nnx.merge(graphdef, state)
     hashes = nnx.merge(hash_graphdef, hash_state) if hash_graphdef is not None else None
-    b = tokens.shape[0]
     run = functools.partial(model, retrieval_cfg=retrieval_cfg, hashes=hashes, logits="last")
 
     prefill = run(tokens, cache=cache, lengths=prompt_lengths)
+    return decode_loop(
+        run, prefill.logits[:, 0], prefill.cache, prompt_lengths, max_new_tokens, eos_ids, key,
+        out_len=out_len, sampling=sampling, pad_id=pad_id,
+    )  # fmt: skip
+
+
+def decode_loop(run, logits, cache, lengths, max_new_tokens, eos_ids, key, *, out_len, sampling, pad_id):
+    """The decode `while_loop` after a prefill: sample from `logits` [B, V], feed back, stop on EOS / budget.
+
+    `run` is the model call with retrieval settings bound. Returns (tokens [B, out_len], generated lengths [B]).
+    """
+    b = logits.shape[0]
     key, sub = jax.random.split(key)
-    first = sample_token(prefill.logits[:, 0], sub, sampling)
+    first = sample_token(logits, sub, sampling)
 
     def cond(carry):
         i, _, done, *_ = carry
@@ -123,7 +134,7 @@ def _generate_jit(
         return i + 1, nxt, done, lengths + 1, step.cache, out, key
 
     out = jnp.full((b, out_len), pad_id, jnp.int32)
-    carry = (jnp.int32(0), first, jnp.zeros((b,), bool), prompt_lengths, prefill.cache, out, key)
+    carry = (jnp.int32(0), first, jnp.zeros((b,), bool), lengths, cache, out, key)
     _, _, _, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
     is_eos = jnp.any(out[..., None] == eos_ids, axis=-1)
     # Generated length: up to and including the first EOS, else max_new_tokens.

@@ -1,0 +1,193 @@
+"""Shared plumbing of the decode-path evaluations (perplexity, passkey, fidelity).
+
+Every evaluation here runs the model through the same code generate() uses: a dense prefill that fills the KV and
+key-code caches, then decode steps whose attention is chosen by a `RetrievalConfig` (kernels on the GPU, their XLA
+references on the CPU). Nothing imitates the selection with a dense mask.
+
+Methods are named `dense`, `oracle`, `quest`, `linear-<bits>` (a seeded LinearHash) and `spotlight` (the trained
+checkpoint given with --hashes; reported as `spotlight-<bits>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spotlight_jax.config import ModelConfig, RetrievalConfig
+from spotlight_jax.generate import SamplingConfig, bucket, decode_loop
+from spotlight_jax.model import KVCache, init_cache
+from spotlight_jax.retrieval import CODE_METHODS
+
+DEFAULT_METHODS = ("dense", "oracle", "linear-128", "linear-1024", "spotlight")
+PYDOCS = Path(__file__).resolve().parents[3] / "shared" / "data" / "pydocs.jsonl.gz"
+
+
+def default_data() -> str:
+    """The pydocs corpus beside the checkout when present (this project's machines), else the stdlib sources."""
+    return str(PYDOCS) if PYDOCS.exists() else "stdlib"
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, methods=DEFAULT_METHODS):
+    p.add_argument("--model", default=None, help="model source for load_model (default: embedded SmolLM2-135M)")
+    p.add_argument("--hashes", default=None, help="exported Spotlight hash checkpoint (needed by method 'spotlight')")
+    p.add_argument("--methods", nargs="+", default=list(methods), help="dense oracle quest linear-<bits> spotlight")
+    p.add_argument("--data", default=None, help="datasets source (default: pydocs if present, else stdlib)")
+    p.add_argument("--tokens", default=None, help="prebuilt token file (.npz) from --save-tokens: skips tokenising")
+    p.add_argument("--save-tokens", default=None, help="write the tokenised evaluation set here (.npz) and go on")
+    p.add_argument("--keep-ratio", type=float, default=0.02)
+    p.add_argument("--min-keep", type=int, default=20)
+    p.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1])
+    p.add_argument("--implementation", choices=["xla", "pallas"], default=None, help="default: pallas on GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="experiments/results", help="folder for the JSON/markdown/PNG results")
+
+
+def method_setup(name: str, cfg: ModelConfig, args) -> tuple[str, RetrievalConfig, Any]:
+    """'linear-256' -> (label, RetrievalConfig, HashStack | None)."""
+    from spotlight_jax.hashing import HashConfig, HashStack, load_hashes
+
+    base = dict(
+        keep_ratio=args.keep_ratio, min_keep=args.min_keep, dense_layers=tuple(args.dense_layers),
+        implementation=args.implementation,
+    )  # fmt: skip
+    kind, _, bits = name.partition("-")
+    if kind in ("dense", "oracle", "quest"):
+        return name, RetrievalConfig(method=kind, **base), None
+    if kind == "linear":
+        bits = int(bits or 128)
+        stack = HashStack(
+            cfg, HashConfig(kind="linear", bits=bits), dense_layers=base["dense_layers"], rngs=nnx.Rngs(args.seed)
+        )
+        return f"linear-{bits}", RetrievalConfig(method="linear", bits=bits, **base), stack
+    if kind == "spotlight":
+        if not args.hashes:
+            raise SystemExit("method 'spotlight' needs --hashes PATH (an export of `python -m spotlight_jax.train`)")
+        stack, meta = load_hashes(args.hashes, cfg)
+        missing = [i for i in range(cfg.num_layers) if i not in args.dense_layers and i not in stack.layers]
+        if missing:
+            raise SystemExit(f"--hashes has no hash module for layers {missing}; add them to --dense-layers or retrain")
+        return f"spotlight-{meta['bits']}", RetrievalConfig(method="spotlight", bits=meta["bits"], **base), stack
+    raise SystemExit(f"unknown method {name!r}: use dense, oracle, quest, linear-<bits> or spotlight")
+
+
+def load_eval_model(args):
+    from spotlight_jax.convert import load_model
+
+    return load_model(args.model)
+
+
+def eval_texts(args, part: str = "heldout"):
+    """Held-out documents of --data (the same split the training uses, so no document is in both)."""
+    from spotlight_jax.data import load_documents, split_documents
+
+    ds = load_documents(args.data or default_data())
+    return ds.select(split_documents(len(ds), part))["text"]
+
+
+def tokens_or_build(args, build):
+    """Load --tokens if given, else `build()` (a dict of arrays), saving it to --save-tokens when asked."""
+    if args.tokens:
+        with np.load(args.tokens) as f:
+            return {k: f[k] for k in f.files}
+    arrays = build()
+    if args.save_tokens:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_tokens)), exist_ok=True)
+        np.savez_compressed(args.save_tokens, **arrays)
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared dense prefill, then each method decodes from its own copy of the cache.
+#
+# Prefill is dense for every method (DESIGN.md §1), so it runs once per prompt batch. A method that retrieves through
+# codes gets its key-code cache from the prefilled keys with the same `key_codes` the prefill itself would apply,
+# token by token: the decode steps that follow see exactly the caches generate() would have built.
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def dense_prefill(graphdef, state, tokens, lengths, cache):
+    """tokens [B, T] right-padded, lengths [B] -> (cache, logits [B, V] at each row's last prompt token)."""
+    out = nnx.merge(graphdef, state)(tokens, cache=cache, lengths=lengths, logits="last")
+    return out.cache, out.logits[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("hash_graphdef", "retrieval_cfg"))
+def with_codes(hash_graphdef, hash_state, cache: KVCache, *, retrieval_cfg: RetrievalConfig) -> KVCache:
+    """The method's cache: the dense KV cache plus key codes on the layers that retrieve through codes."""
+    if hash_graphdef is None or retrieval_cfg.method not in CODE_METHODS:
+        return cache
+    hashes = nnx.merge(hash_graphdef, hash_state)
+    codes = tuple(
+        hashes.for_layer(i).key_codes(k) if retrieval_cfg.is_sparse_layer(i) else None for i, k in enumerate(cache.k)
+    )
+    return KVCache(cache.k, cache.v, codes)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "hash_graphdef", "retrieval_cfg", "out_len"), donate_argnames=("cache",)
+)
+def greedy_decode(graphdef, state, hash_graphdef, hash_state, cache, logits, lengths, *, retrieval_cfg, out_len):
+    """generate()'s decode loop (greedy, no EOS stop) from a prefilled cache -> tokens [B, out_len]."""
+    model = nnx.merge(graphdef, state)
+    hashes = nnx.merge(hash_graphdef, hash_state) if hash_graphdef is not None else None
+    run = functools.partial(model, retrieval_cfg=retrieval_cfg, hashes=hashes, logits="last")
+    tokens, _ = decode_loop(
+        run, logits, cache, lengths, jnp.int32(out_len), jnp.array([-1], jnp.int32), jax.random.key(0),
+        out_len=out_len, sampling=SamplingConfig(), pad_id=0,
+    )  # fmt: skip
+    return tokens
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "hash_graphdef", "retrieval_cfg", "prefix"), donate_argnames=("cache",)
+)
+def teacher_forced_nll(graphdef, state, hash_graphdef, hash_state, tokens, cache, *, retrieval_cfg, prefix):
+    """tokens [B, L], cache prefilled with tokens[:, :prefix] -> NLL [B, L - 1 - prefix] of tokens[:, p + 1]
+    predicted by the decode step at position p >= prefix: generate()'s per-step work with the true token fed back.
+    """
+    model = nnx.merge(graphdef, state)
+    hashes = nnx.merge(hash_graphdef, hash_state) if hash_graphdef is not None else None
+    b, length = tokens.shape
+    run = functools.partial(model, retrieval_cfg=retrieval_cfg, hashes=hashes, logits="last")
+
+    def step(cache, p):
+        tok = jax.lax.dynamic_slice_in_dim(tokens, p, 1, axis=1)  # [B, 1]
+        nxt = jax.lax.dynamic_index_in_dim(tokens, p + 1, axis=1, keepdims=False)  # [B]
+        out = run(tok, positions=jnp.full((b, 1), p, jnp.int32), cache=cache, lengths=jnp.full((b,), p + 1, jnp.int32))
+        logp = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
+        return out.cache, -jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0]
+
+    _, nll = jax.lax.scan(step, cache, jnp.arange(prefix, length - 1))
+    return nll.T
+
+
+def prefill_batch(model, rows: list[list[int]] | np.ndarray, cache_len: int):
+    """Right-pad `rows`, prefill densely into a cache of `cache_len` -> (cache, last logits, lengths)."""
+    rows = [list(map(int, r)) for r in rows]
+    lengths = np.array([len(r) for r in rows], np.int32)
+    tokens = np.zeros((len(rows), bucket(int(lengths.max()))), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    graphdef, state = nnx.split(model)
+    cache = init_cache(model.cfg, len(rows), cache_len, model.dtype)
+    cache, logits = dense_prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+    return cache, logits, jnp.asarray(lengths)
+
+
+def copy_cache(cache: KVCache) -> KVCache:
+    """A private copy (decode donates its cache; the shared prefill must survive for the next method)."""
+    return jax.tree.map(jnp.copy, cache)
+
+
+def split_model(model, hashes):
+    graphdef, state = nnx.split(model)
+    hash_graphdef, hash_state = nnx.split(hashes) if hashes is not None else (None, None)
+    return graphdef, state, hash_graphdef, hash_state

@@ -1,0 +1,105 @@
+"""`python -m spotlight_jax.eval perplexity`: perplexity teacher-forced through the sparse decode path.
+
+Sequences of --seq-len tokens (held-out documents); the first --prefix tokens are prefilled densely, every later
+position is a decode step of the method under test (`decoding.teacher_forced_nll`). Reports perplexity per method,
+its ratio to dense, and a plot of the running NLL against position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from spotlight_jax.bench.common import markdown_table, provenance
+from spotlight_jax.eval import decoding
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    decoding.add_common_arguments(p, methods=("dense", "oracle", "linear-128", "linear-1024", "spotlight"))
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--prefix", type=int, default=1024, help="densely prefilled tokens; later positions are decoded")
+    p.add_argument("--num-seqs", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+
+
+def build_tokens(args, tokenizer) -> dict:
+    from spotlight_jax.data import pack_samples
+
+    seqs = pack_samples(decoding.eval_texts(args), tokenizer, args.seq_len, args.num_seqs, shuffle_seed=args.seed)
+    return {"sequences": seqs}
+
+
+def run(args):
+    model, tokenizer = decoding.load_eval_model(args)
+    seqs = decoding.tokens_or_build(args, lambda: build_tokens(args, tokenizer))["sequences"]
+    if seqs.shape[1] <= args.prefix + 1:
+        raise SystemExit(f"sequences of {seqs.shape[1]} tokens leave nothing to decode after --prefix {args.prefix}")
+    setups = [decoding.method_setup(name, model.cfg, args) for name in args.methods]
+    nlls = {label: [] for label, _, _ in setups}
+    seconds = dict.fromkeys(nlls, 0.0)
+    for lo in tqdm(range(0, len(seqs), args.batch), desc="perplexity batches", unit="batch"):
+        chunk = seqs[lo : lo + args.batch]
+        shared, _, _ = decoding.prefill_batch(model, chunk[:, : args.prefix], chunk.shape[1])
+        for label, rcfg, hashes in setups:
+            t0 = time.perf_counter()
+            parts = decoding.split_model(model, hashes)
+            cache = decoding.with_codes(parts[2], parts[3], decoding.copy_cache(shared), retrieval_cfg=rcfg)
+            nll = decoding.teacher_forced_nll(*parts, jnp.asarray(chunk), cache, retrieval_cfg=rcfg, prefix=args.prefix)
+            nlls[label].append(np.asarray(nll))
+            seconds[label] += time.perf_counter() - t0
+    rows, curves = [], {}
+    for label in nlls:
+        nll = np.concatenate(nlls[label])  # [num_seqs, positions]
+        curves[label] = nll.mean(0)
+        rows.append({"method": label, "ppl": float(math.exp(nll.mean())), "nll": float(nll.mean()),
+                     "tokens": int(nll.size), "seconds": round(seconds[label], 1)})  # fmt: skip
+        print(rows[-1], flush=True)
+    dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        if dense:
+            r["vs_dense_pct"] = round(100 * (r["ppl"] / dense - 1), 2)
+        r["ppl"] = round(r["ppl"], 4)
+        r["nll"] = round(r["nll"], 5)
+    meta = {
+        "seq_len": int(seqs.shape[1]), "prefix": args.prefix, "num_seqs": int(len(seqs)),
+        "keep_ratio": args.keep_ratio, "min_keep": args.min_keep, "data": args.data or decoding.default_data(),
+    }  # fmt: skip
+    write_report(args.out, "perplexity", rows, meta)
+    plot_curves(curves, args.prefix, os.path.join(args.out, "perplexity.png"))
+
+
+def write_report(out_dir, name, rows, meta):
+    os.makedirs(out_dir, exist_ok=True)
+    prov = provenance()
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"eval": name, **prov, **meta, "rows": rows}, f, indent=2)
+    md = f"{name}: {prov['device']}, jax {prov['jax']}, {prov['date']}; {json.dumps(meta)}\n\n" + markdown_table(rows)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+def plot_curves(curves, prefix, path, window=128):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, c in curves.items():
+        smooth = np.convolve(c, np.ones(window) / window, mode="valid")
+        ax.plot(prefix + window // 2 + np.arange(len(smooth)), smooth, label=label, lw=1)
+    ax.set_xlabel("position (decoded through the method)")
+    ax.set_ylabel(f"NLL (moving mean, {window} tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
