@@ -60,7 +60,8 @@ def weight_bytes_per_step(model: CausalLM, batch: int) -> int:
 
 def random_cache(cfg: ModelConfig, batch: int, max_len: int, dtype, retrieval_cfg=None, seed: int = 1) -> KVCache:
     """A cache full of random values (never time on zeros), every layer its own buffer (the loop donates them)."""
-    cache = init_cache(cfg, batch, max_len, dtype, retrieval_cfg)
+    # Shapes only: materialising the zero cache first would hold two caches at once (an OOM at large batch).
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype, retrieval_cfg))
     key = jax.random.key(seed)
     base = _random(key, cache.k[0].shape, dtype) * 50.0  # ~N(0, 1)
     scaled = jax.jit(lambda x, s: x * s)  # one tiny program, reused for every layer

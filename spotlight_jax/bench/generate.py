@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--keep-ratio", type=float, default=0.02)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--memory-fraction", type=float, default=0.9, help="share of free GPU memory the caches may use")
+    p.add_argument("--memory-fraction", type=float, default=0.85, help="share of the memory limit weights + caches use")
     p.add_argument("--name", default="generate_speed")
 
 

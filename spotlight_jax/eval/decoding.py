@@ -70,11 +70,11 @@ def method_setup(name: str, cfg: ModelConfig, args) -> tuple[str, RetrievalConfi
     if kind == "spotlight":
         if not args.hashes:
             raise SystemExit("method 'spotlight' needs --hashes PATH (an export of `python -m spotlight_jax.train`)")
-        stack, meta = load_hashes(args.hashes, cfg)
+        stack = load_hashes(args.hashes, cfg)
         missing = [i for i in range(cfg.num_layers) if i not in args.dense_layers and i not in stack.layers]
         if missing:
             raise SystemExit(f"--hashes has no hash module for layers {missing}; add them to --dense-layers or retrain")
-        return f"spotlight-{meta['bits']}", RetrievalConfig(method="spotlight", bits=meta["bits"], **base), stack
+        return f"spotlight-{stack.bits}", RetrievalConfig(method="spotlight", bits=stack.bits, **base), stack
     raise SystemExit(f"unknown method {name!r}: use dense, oracle, quest, linear-<bits> or spotlight")
 
 
