@@ -4,19 +4,21 @@ Data flow (DESIGN.md §3): convert (HF weights -> Flax NNX CausalLM) -> data -> 
 -> train (hash MLPs, Bradley-Terry, orbax) -> generate (jitted decode with dense | oracle | linear | spotlight
 retrieval, built on pallas_kernels) -> eval / bench.
 
-Heavy submodules are imported lazily so `import spotlight_jax` stays cheap.
+Conversion, training and hashing are imported lazily.
 """
 
 import importlib
 
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 
+# Imported eagerly: the function shares its name with its module, and a lazy attribute would be shadowed by the
+# submodule as soon as anything imports `spotlight_jax.generate`.
+from spotlight_jax.generate import SamplingConfig, generate
+
 _LAZY = {
     "CausalLM": "spotlight_jax.model",
     "KVCache": "spotlight_jax.model",
     "init_cache": "spotlight_jax.model",
-    "generate": "spotlight_jax.generate",
-    "SamplingConfig": "spotlight_jax.generate",
     "load_model": "spotlight_jax.convert",
     "save_model": "spotlight_jax.checkpoint",
     "restore_model": "spotlight_jax.checkpoint",
@@ -25,7 +27,7 @@ _LAZY = {
     "load_hashes": "spotlight_jax.hashing",
 }
 
-__all__ = ["ModelConfig", "RetrievalConfig", *_LAZY]
+__all__ = ["ModelConfig", "RetrievalConfig", "SamplingConfig", "generate", *_LAZY]
 __version__ = "0.1.0"
 
 

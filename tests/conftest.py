@@ -126,3 +126,14 @@ def smollm2_jax(smollm2_path):
     start = time.perf_counter()
     model, tokenizer = load_model()
     return model, tokenizer, time.perf_counter() - start
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path):
+    """transformers' PyTorch model loaded from the same GGUF (fp32, eval mode), once per session."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+    ).eval()

@@ -81,10 +81,8 @@ def test_tiny_configs_exercise_what_they_claim(tiny_hf_models, tiny_tokens, refe
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers_gguf(smollm2_path, smollm2_jax):
+def test_smollm2_gguf_matches_transformers_gguf(smollm2_jax, smollm2_hf):
     """The embedded SmolLM2 (Q4_1 GGUF) on ~300 tokens of real text vs transformers loading the same GGUF."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
     model, tokenizer, _ = smollm2_jax
     assert tokenizer is not None
@@ -94,9 +92,7 @@ def test_smollm2_gguf_matches_transformers_gguf(smollm2_path, smollm2_jax):
     tokens = np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)[None, :]
     assert 200 <= tokens.shape[1] <= 600, tokens.shape
 
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
-    ).eval()
+    hf_model = smollm2_hf
     # Config parsed from the GGUF metadata must equal the one transformers derives from it.
     ref_cfg = type(model.cfg).from_hf(hf_model.config, name=model.cfg.name)
     assert model.cfg == ref_cfg

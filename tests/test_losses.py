@@ -1,0 +1,165 @@
+"""Bradley–Terry loss, oracle top sets and ranking error against direct NumPy implementations."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from spotlight_jax.hashing import SpotlightHash
+from spotlight_jax.losses import (
+    LossConfig,
+    bradley_terry_loss,
+    group_attention,
+    oracle_top_counts,
+    oracle_top_sets,
+    sample_query_positions,
+    topk_mask,
+)
+
+B, N, K, T, H, C = 2, 4, 2, 37, 8, 32
+G = N // K
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, N, T, H)).astype(np.float32)
+    k = rng.standard_normal((B, K, T, H)).astype(np.float32)
+    return q, k
+
+
+def _np_mlp(x, ws, bs, residual=True):
+    """x: [M, H] one head; ws/bs: that head's weights (float64)."""
+    y = x.astype(np.float64)
+    for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+        z = y @ w + b
+        if i == 0:
+            z = z / (1.0 + np.exp(-z))
+        y = y + z if (residual and z.shape[-1] == y.shape[-1]) else z
+    return y
+
+
+def _np_loss(q, k, ws, bs, keep_ratio, gamma, beta, margin=0.0):
+    """Direct NumPy Bradley–Terry loss over every query, every exact (top, other) pair; also the ranking error."""
+    softsign = lambda x: x / (1 + np.abs(x))
+    per_query, wrong, pairs = [], 0.0, 0
+    for b in range(B):
+        for n in range(N):
+            kh = n // G
+            qs = softsign(gamma * _np_mlp(q[b, n], [w[kh] for w in ws], [x[kh] for x in bs]))  # [T, C]
+            ks = softsign(gamma * _np_mlp(k[b, kh], [w[kh] for w in ws], [x[kh] for x in bs]))  # [T, C]
+            for i in range(T):
+                logits = k[b, kh, : i + 1].astype(np.float64) @ q[b, n, i].astype(np.float64)
+                n_top = min(i + 1, max(1, math.ceil(round(keep_ratio * (i + 1), 9))))
+                order = np.argsort(-logits, kind="stable")
+                top, other = order[:n_top], order[n_top:]
+                if len(other) == 0:
+                    continue
+                s = ks[: i + 1] @ qs[i]
+                d = beta * (s[top][:, None] - s[other][None, :]) - margin
+                per_query.append(np.mean(np.logaddexp(0.0, -d)))
+                diff = s[top][:, None] - s[other][None, :]
+                wrong += np.sum(diff < 0) + 0.5 * np.sum(diff == 0)
+                pairs += diff.size
+    return float(np.mean(per_query)), wrong / pairs
+
+
+@pytest.fixture(scope="module")
+def setup():
+    q, k = _inputs()
+    h = SpotlightHash(K, H, num_heads=N, bits=C, dims=(H, C, C), init_scale=0.3, rngs=nnx.Rngs(1))
+    # non-zero biases so they are exercised too
+    for b in h.key_mlp.biases:
+        b[...] = 0.1 * jax.random.normal(jax.random.key(3), b[...].shape)
+    cfg = LossConfig(gamma=0.7, beta=1.3, keep_ratio=0.1, max_queries=T, max_top=T, max_other=T, query_chunk=16)
+    return q, k, h, cfg
+
+
+def _np_params(h):
+    ws = [np.asarray(w[...], np.float64) for w in h.key_mlp.weights]
+    bs = [np.asarray(b[...], np.float64) for b in h.key_mlp.biases]
+    return ws, bs
+
+
+def test_loss_matches_numpy(setup):
+    q, k, h, cfg = setup
+    q_pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    loss, metrics = bradley_terry_loss(h, jnp.asarray(q), jnp.asarray(k), jax.random.key(0), cfg, q_pos=q_pos)
+    ws, bs = _np_params(h)
+    ref_loss, ref_err = _np_loss(q, k, ws, bs, cfg.keep_ratio, cfg.gamma, cfg.beta)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["ranking_error"]), ref_err, rtol=1e-5, atol=1e-6)
+    # chunked and unchunked pairwise paths agree
+    loss2, _ = bradley_terry_loss(
+        h, jnp.asarray(q), jnp.asarray(k), jax.random.key(0), LossConfig(**{**cfg.__dict__, "query_chunk": 0}), q_pos
+    )
+    np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-6)
+
+
+def test_gradient_matches_numpy(setup):
+    q, k, h, cfg = setup
+    q_pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    graphdef, params = nnx.split(h, nnx.Param)
+
+    def f(p):
+        return bradley_terry_loss(
+            nnx.merge(graphdef, p), jnp.asarray(q), jnp.asarray(k), jax.random.key(0), cfg, q_pos
+        )[0]
+
+    grads = jax.jit(jax.grad(f))(params)
+    flat_g, treedef = jax.tree.flatten(grads)
+    flat_p = jax.tree.leaves(params)
+    rng = np.random.default_rng(5)
+    eps = 1e-5
+    for _ in range(3):  # directional derivatives along random directions, central differences in float64
+        dirs = [rng.standard_normal(np.shape(x)) for x in flat_p]
+        analytic = sum(float(np.sum(np.asarray(g, np.float64) * d)) for g, d in zip(flat_g, dirs, strict=True))
+
+        def np_f(sign, dirs=dirs):
+            shifted = [np.asarray(x, np.float64) + sign * eps * d for x, d in zip(flat_p, dirs, strict=True)]
+            tree = jax.tree.unflatten(treedef, shifted)
+            ws = [np.asarray(tree["key_mlp"]["weights"][i]) for i in range(2)]
+            bs = [np.asarray(tree["key_mlp"]["biases"][i]) for i in range(2)]
+            return _np_loss(q, k, ws, bs, cfg.keep_ratio, cfg.gamma, cfg.beta)[0]
+
+        numeric = (np_f(1) - np_f(-1)) / (2 * eps)
+        np.testing.assert_allclose(analytic, numeric, rtol=2e-3, atol=1e-6)
+
+
+def test_oracle_top_sets():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 60)).astype(np.float32)
+    pos = np.array([0, 30, 59])
+    masked = np.where(np.arange(60)[None] <= pos[:, None], logits, -np.inf)
+    idx, valid, in_top = oracle_top_sets(jnp.asarray(masked), jnp.asarray(pos), 0.05, 1)
+    for r, p in enumerate(pos):
+        n_top = max(1, math.ceil(round(0.05 * (p + 1), 9)))
+        ref = set(np.argsort(-masked[r])[:n_top].tolist())
+        assert set(np.asarray(idx[r])[np.asarray(valid[r])].tolist()) == ref
+        assert set(np.nonzero(np.asarray(in_top[r]))[0].tolist()) == ref
+    np.testing.assert_array_equal(oracle_top_counts(jnp.array([0, 49, 50, 99]), 0.02), [1, 1, 2, 2])
+
+
+def test_sampled_loss_is_finite_and_bounded():
+    q, k = _inputs(1)
+    h = SpotlightHash(K, H, num_heads=N, bits=C, dims=(H, C, C), rngs=nnx.Rngs(0))
+    cfg = LossConfig(keep_ratio=0.1, max_queries=8, max_top=2, max_other=5, min_query_position=10)
+    loss, m = jax.jit(lambda q, k: bradley_terry_loss(h, q, k, jax.random.key(1), cfg))(jnp.asarray(q), jnp.asarray(k))
+    assert np.isfinite(float(loss)) and 0 <= float(m["ranking_error"]) <= 1
+    assert int(m["queries"]) <= B * N * 8
+    pos = sample_query_positions(jax.random.key(0), 3, 20, 8, 5)
+    assert pos.shape == (3, 8) and int(pos.min()) >= 5 and all(len(set(r.tolist())) == 8 for r in np.asarray(pos))
+
+
+def test_group_attention_and_topk_mask():
+    q, k = _inputs(2)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    att = np.asarray(group_attention(jnp.asarray(q), jnp.asarray(k), pos))  # [B, K, T, T]
+    np.testing.assert_allclose(att.sum(-1), G, rtol=1e-5)
+    assert np.all(att[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)
+    sel = np.asarray(topk_mask(jnp.asarray(att), pos[:, None, :], 0.1, 3))
+    counts = sel.sum(-1)
+    expect = np.minimum(np.maximum(3, np.ceil(0.1 * (np.arange(T) + 1) - 1e-4)), np.arange(T) + 1)
+    np.testing.assert_array_equal(counts, np.broadcast_to(expect, counts.shape))
