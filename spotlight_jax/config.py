@@ -37,6 +37,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    sliding_window: int | None = None  # Mistral-style local attention: keys more than this far back are masked
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -90,6 +91,9 @@ class ModelConfig:
                 raise ValueError(f"unsupported rope_scaling type {rope_type!r}: only 'llama3' scaling is implemented")
             else:
                 rope_scaling = tuple(sorted((k, v) for k, v in rope_scaling.items() if not isinstance(v, list)))
+        window = cfg.get("sliding_window")
+        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None  # Qwen2 configs carry a window size but only use it when use_sliding_window is set
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list | tuple) else ((eos,) if eos is not None else ())
         return cls(
@@ -110,6 +114,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             name=name or cfg.get("_name_or_path", ""),
+            sliding_window=int(window) if window else None,
         )
 
     # Presets of real shapes: speed work uses them with random weights (values do not change speed).

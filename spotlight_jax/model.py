@@ -153,7 +153,7 @@ class Attention(nnx.Module):
         new_cache = None
         if cache_kv is None or t > 1:
             # Prefill from position 0 (or a cache-free forward): dense causal attention over the new keys only.
-            out = causal_attention(q, k, v, lengths, scale)  # [B, N, T, H]
+            out = causal_attention(q, k, v, lengths, scale, cfg.sliding_window)  # [B, N, T, H]
             if cache_kv is not None:
                 ck, cv, codes = cache_kv
                 ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0))
@@ -168,9 +168,11 @@ class Attention(nnx.Module):
             cv = _write_rows(cv, v.astype(cv.dtype), pos)
             if codes is not None:
                 codes = _write_rows(codes, hash_module.key_codes(k), pos)
+            if cfg.sliding_window is not None and retrieval_cfg.method != "dense":
+                raise NotImplementedError("sparse retrieval on a sliding-window model: use method='dense'")
             out = retrieval.decode_attention(
                 q[:, :, 0], ck, cv, lengths, scale, layer=self.layer, cfg=retrieval_cfg,
-                code_cache=codes, hash_module=hash_module,
+                code_cache=codes, hash_module=hash_module, window=cfg.sliding_window,
             )[:, :, None]  # fmt: skip
             new_cache = (ck, cv, codes)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, n * h).astype(x.dtype)
@@ -188,14 +190,18 @@ def _write_rows(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
     return cache
 
 
-def causal_attention(q, k, v, lengths, scale):
-    """Dense causal GQA attention. q [B, N, T, H], k/v [B, K, T, H], keys at index >= lengths[b] masked."""
+def causal_attention(q, k, v, lengths, scale, window=None):
+    """Dense causal GQA attention. q [B, N, T, H], k/v [B, K, T, H], keys at index >= lengths[b] masked, and with
+    a sliding `window` also keys `window` or more positions behind the query (HF Mistral's convention)."""
     b, n, t, h = q.shape
     kh = k.shape[1]
     qg = q.reshape(b, kh, n // kh, t, h)
     logits = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     idx = jnp.arange(t)
-    mask = (idx[None, :] <= idx[:, None])[None] & (idx[None, None, :] < lengths[:, None, None])  # [B, T, S]
+    causal = idx[None, :] <= idx[:, None]  # [T, S]
+    if window is not None:
+        causal &= idx[:, None] - idx[None, :] < window
+    mask = causal[None] & (idx[None, None, :] < lengths[:, None, None])  # [B, T, S]
     logits = jnp.where(mask[:, None, None], logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)

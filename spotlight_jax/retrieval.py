@@ -28,13 +28,16 @@ def live_budget(lengths: jax.Array, cfg: RetrievalConfig, k_max: int) -> jax.Arr
     return jnp.minimum(budget, k_max)
 
 
-def dense_decode_attention(q, k_cache, v_cache, lengths, scale):
-    """q [B, N, H], k/v_cache [B, K, S, H], lengths [B] -> [B, N, H] fp32. Rows >= lengths[b] are masked."""
+def dense_decode_attention(q, k_cache, v_cache, lengths, scale, window=None):
+    """q [B, N, H], k/v_cache [B, K, S, H], lengths [B] -> [B, N, H] fp32. Rows >= lengths[b] are masked, and with a
+    sliding `window` rows at or before lengths[b] - 1 - window."""
     b, n, h = q.shape
     kh, s = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, kh, n // kh, h)
     logits = jnp.einsum("bkgh,bksh->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * scale
     live = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
+    if window is not None:
+        live &= jnp.arange(s)[None, :] > lengths[:, None] - 1 - window
     logits = jnp.where(live[:, None, None], logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bkgs,bksh->bkgh", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
@@ -137,10 +140,11 @@ def decode_attention(
     cfg: RetrievalConfig,
     code_cache: jax.Array | None = None,  # [B, K, S, W] uint32
     hash_module=None,
+    window: int | None = None,  # sliding-window models (dense only)
 ) -> jax.Array:  # [B, N, H] fp32
     """One decode step of one layer: dense on dense layers, else select rows and attend over only those."""
     if not cfg.is_sparse_layer(layer):
-        return dense_decode_attention(q, k_cache, v_cache, lengths, scale)
+        return dense_decode_attention(q, k_cache, v_cache, lengths, scale, window)
     if cfg.method in CODE_METHODS and not (cfg.sink_tokens or cfg.recent_window):
         # The fused path: Hamming top-k and sparse attention back to back (Pallas on GPU).
         k_max = cfg.k_max(k_cache.shape[2])

@@ -46,6 +46,8 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "qwen2-bias-untied": ("Qwen2Config", dict(_COMMON, tie_word_embeddings=False, rope_theta=1000000.0)),
     "qwen2-tied": ("Qwen2Config", dict(_COMMON, tie_word_embeddings=True, rope_theta=1000000.0)),
     "mistral": ("MistralConfig", dict(_COMMON, tie_word_embeddings=False, sliding_window=None, head_dim=16)),
+    # A window shorter than the test sequence, so the local mask matters.
+    "mistral-window": ("MistralConfig", dict(_COMMON, tie_word_embeddings=False, sliding_window=7, head_dim=16)),
 }
 
 

@@ -1,9 +1,12 @@
 """generate(): cache consistency, ragged batching, bucketing, sampling and bad input, on a tiny random model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from spotlight_jax.config import ModelConfig
 from spotlight_jax.generate import SamplingConfig, _generate_jit, bucket, generate, sample_token
@@ -17,7 +20,7 @@ CFG = ModelConfig(
 
 @pytest.fixture(scope="module")
 def model():
-    return CausalLM(CFG, rngs=__import__("flax").nnx.Rngs(7))
+    return CausalLM(CFG, rngs=nnx.Rngs(7))
 
 
 def _prompts(lengths, seed=0):
@@ -25,10 +28,13 @@ def _prompts(lengths, seed=0):
     return [rng.integers(4, CFG.vocab_size, n).tolist() for n in lengths]
 
 
-def test_decode_logits_equal_prefill_logits(model):
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_logits_equal_prefill_logits(model, window):
+    if window is not None:  # the same weights as a sliding-window (Mistral-style) model
+        model = nnx.merge(nnx.graphdef(CausalLM(dataclasses.replace(CFG, sliding_window=window))), nnx.state(model))
     tokens = jnp.asarray(_prompts([20, 20], seed=1))
     full = model(tokens).logits  # [B, 20, V]
-    cache = init_cache(CFG, 2, 64)
+    cache = init_cache(model.cfg, 2, 64)
     out = model(tokens[:, :12], cache=cache, lengths=jnp.full((2,), 12))
     np.testing.assert_allclose(out.logits, full[:, :12], atol=1e-5, rtol=1e-5)
     cache = out.cache

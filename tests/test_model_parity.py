@@ -74,6 +74,13 @@ def test_tiny_configs_exercise_what_they_claim(tiny_hf_models, tiny_tokens, refe
     diff = np.abs(_jax_logits(plain, tiny_tokens) - reference_logits("llama3.1")).max()
     assert diff > 100 * TINY_ATOL, f"llama3 rope scaling changes logits by only {diff:.3g}"
 
+    local, _ = load_model(tiny_hf_models("mistral-window"), tokenizer=False)
+    assert local.cfg.sliding_window is not None and local.cfg.sliding_window < tiny_tokens.shape[1]
+    full = CausalLM(dataclasses.replace(local.cfg, sliding_window=None))
+    nnx.update(full, nnx.state(local))  # same weights, no window
+    diff = np.abs(_jax_logits(full, tiny_tokens) - reference_logits("mistral-window")).max()
+    assert diff > 100 * TINY_ATOL, f"the sliding window changes logits by only {diff:.3g}"
+
     qwen, _ = load_model(tiny_hf_models("qwen2-bias-untied"), tokenizer=False)
     assert qwen.cfg.attention_bias and qwen.layers[0].attn.q_proj.bias is not None
     assert float(jnp.abs(qwen.layers[0].attn.q_proj.bias[...]).max()) > 0.0
