@@ -1,0 +1,5 @@
+import sys
+
+from spotlight_jax.eval import main
+
+sys.exit(main())
