@@ -14,7 +14,6 @@ one batch at a time and never holds the cache in RAM.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -42,18 +41,6 @@ class ActivationCacheError(ValueError):
 
 def layer_file(layer: int, which: str) -> str:
     return f"layer_{layer:03d}_{which}.npy"
-
-
-def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = tuple(tuple(x) for x in d["rope_scaling"])
-    d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
-    return ModelConfig(**d)
 
 
 def tokens_fingerprint(tokens: np.ndarray) -> str:
@@ -126,7 +113,7 @@ def collect_activations(
     n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     expect = {
         "format_version": FORMAT_VERSION,
-        "model_config": json.loads(json.dumps(model_config_to_dict(cfg))),
+        "model_config": json.loads(json.dumps(cfg.to_dict())),
         "num_samples": num,
         "seq_len": seq_len,
         "dtype": dtype,
@@ -199,7 +186,7 @@ class ActivationReader:
         self.manifest = read_manifest(self.out_dir)
         m = self.manifest
         try:
-            self.model_cfg = model_config_from_dict(m["model_config"])
+            self.model_cfg = ModelConfig.from_dict(m["model_config"])
             self.layers = tuple(m["layers"])
             self.seq_len = int(m["seq_len"])
             self.total_samples = int(m["num_samples"])

@@ -39,21 +39,12 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), CONFIG_FILE))
 
 
-def config_to_json(cfg: ModelConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def config_from_json(d: dict[str, Any]) -> ModelConfig:
-    """Inverse of `config_to_json` (JSON turns the hashable tuples into lists; turn them back)."""
-    d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = tuple(tuple(kv) for kv in d["rope_scaling"])
-    d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise CheckpointError(f"checkpoint config has fields this version of ModelConfig does not know: {unknown}")
-    return ModelConfig(**d)
+    """The checkpoint's ModelConfig (JSON lists back to tuples), as a CheckpointError when it does not fit."""
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint config: {e}") from e
 
 
 def save_model(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False) -> str:
@@ -75,7 +66,7 @@ def save_model(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any = Non
         tokenizer.save_pretrained(os.path.join(path, TOKENIZER_DIR))
     meta = {
         "format": FORMAT,
-        "model_config": config_to_json(model.cfg),
+        "model_config": model.cfg.to_dict(),
         "dtype": jnp.dtype(model.dtype).name,
         "param_dtype": jnp.dtype(param_dtype).name,
     }

@@ -57,6 +57,22 @@ class ModelConfig:
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples become lists in JSON; `from_dict` turns them back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict` (after a JSON round trip). Unknown fields are a ValueError naming them."""
+        d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"config has fields this version of ModelConfig does not know: {unknown}")
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = tuple(tuple(kv) for kv in d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        return cls(**d)
+
     @classmethod
     def from_hf(cls, hf_config: Any, name: str = "") -> ModelConfig:
         """Build from a transformers `PretrainedConfig`, a config dict, or a path to `config.json` / its folder."""
