@@ -202,8 +202,14 @@ def generate(
             f"{cfg.max_position_embeddings} positions"
         )
     prompt_bucket = min(prompt_bucket, cache_len)
-    if retrieval_cfg.method in retrieval.CODE_METHODS and hashes is None:
-        raise ValueError(f"retrieval method {retrieval_cfg.method!r} needs hash modules: pass hashes=HashStack")
+    if retrieval_cfg.method in retrieval.CODE_METHODS:
+        if hashes is None:
+            raise ValueError(f"retrieval method {retrieval_cfg.method!r} needs hash modules: pass hashes=HashStack")
+        if getattr(hashes, "bits", retrieval_cfg.bits) != retrieval_cfg.bits:
+            raise ValueError(f"hashes make {hashes.bits}-bit codes but retrieval_cfg.bits={retrieval_cfg.bits}")
+        missing = [i for i in range(cfg.num_layers) if retrieval_cfg.is_sparse_layer(i) and i not in hashes]
+        if missing:
+            raise ValueError(f"no hash module for sparse layers {missing}: add them to dense_layers or retrain")
 
     tokens = np.full((len(rows), prompt_bucket), pad_id, np.int32)
     for i, r in enumerate(rows):

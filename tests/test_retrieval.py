@@ -125,6 +125,12 @@ def test_sparse_budget_changes_output(model):
     assert float(jnp.abs(sparse - dense).max()) > 1e-3
 
 
-def test_code_methods_need_hashes(model):
+def test_code_methods_need_matching_hashes(model):
     with pytest.raises(ValueError, match="hash"):
         generate(model, _prompts([5]), retrieval_cfg=RetrievalConfig(method="spotlight"))
+    with pytest.raises(ValueError, match="64-bit codes"):
+        rcfg = RetrievalConfig(method="linear", bits=128)
+        generate(model, _prompts([5]), retrieval_cfg=rcfg, hashes=_stack("linear", 64))
+    partial = HashStack(CFG, HashConfig(kind="linear", bits=64), layers=(2,), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"sparse layers \[3\]"):
+        generate(model, _prompts([5]), retrieval_cfg=RetrievalConfig(method="linear", bits=64), hashes=partial)
