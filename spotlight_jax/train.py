@@ -80,7 +80,7 @@ class TrainConfig:
     min_query_position: int = _f(64, "queries are drawn from positions >= this")
     query_chunk: int = _f(512, "rows per chunk of the pairwise loss (memory bound)")
     # --- optimisation ---
-    steps_per_layer: int = _f(60, "optimizer steps per layer")
+    steps_per_layer: int = _f(120, "optimizer steps per layer")
     batch_size: int = _f(1, "samples per step")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     b1: float = _f(0.9, "AdamW beta1")
@@ -92,7 +92,7 @@ class TrainConfig:
     # --- output ---
     out_dir: str = _f("runs/hash-smollm2-135m", "run folder: checkpoints/, metrics.jsonl, summary.json, hashes/")
     export_dir: str | None = _f(None, "where to export the final hashes (default: <out_dir>/hashes)")
-    checkpoint_every: int = _f(30, "save a checkpoint every this many steps (and at the end of each layer)")
+    checkpoint_every: int = _f(60, "save a checkpoint every this many steps (and at the end of each layer)")
     max_to_keep: int = _f(2, "checkpoints kept")
     log_every: int = _f(10, "sync metrics / check for NaN every this many steps")
 
