@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from spotlight_jax._io import read_json
 from spotlight_jax.config import ModelConfig
 
 MANIFEST = "manifest.json"
@@ -48,17 +49,11 @@ def tokens_fingerprint(tokens: np.ndarray) -> str:
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
-    path = os.path.join(os.fspath(out_dir), MANIFEST)
-    if not os.path.isfile(path):
-        raise ActivationCacheError(
-            f"no {MANIFEST} in {out_dir!s}: not an activation cache (create one with collect_activations or "
-            "`python -m spotlight_jax.train`)"
-        )
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ActivationCacheError(f"corrupt {path}: {e}") from e
+    return read_json(
+        os.path.join(os.fspath(out_dir), MANIFEST), ActivationCacheError,
+        f"no {MANIFEST} in {out_dir!s}: not an activation cache (create one with collect_activations or "
+        "`python -m spotlight_jax.train`)",
+    )  # fmt: skip
 
 
 def _write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:

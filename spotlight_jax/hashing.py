@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spotlight_jax._io import read_json
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 
 VALID_SPOTLIGHT_BITS = (32, 64, 128, 256)
@@ -357,17 +358,11 @@ class HashCheckpointError(ValueError):
 
 
 def read_hash_config(path: str | os.PathLike) -> dict[str, Any]:
-    cfg_path = os.path.join(os.fspath(path), HASH_CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
-        raise HashCheckpointError(
-            f"no {HASH_CONFIG_FILE} in {path!s}: not an exported hash checkpoint "
-            "(train one with `python -m spotlight_jax.train`)"
-        )
-    try:
-        with open(cfg_path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise HashCheckpointError(f"corrupt {cfg_path}: {e}") from e
+    return read_json(
+        os.path.join(os.fspath(path), HASH_CONFIG_FILE), HashCheckpointError,
+        f"no {HASH_CONFIG_FILE} in {path!s}: not an exported hash checkpoint "
+        "(train one with `python -m spotlight_jax.train`)",
+    )  # fmt: skip
 
 
 def load_hashes(
