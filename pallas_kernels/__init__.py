@@ -4,10 +4,12 @@
 - :func:`hamming_scores` / :func:`hamming_topk`: XNOR-popcount retrieval scores and exact top-k
   selection by counting (no sort).
 - :func:`sparse_decode_attention`: exact softmax decode attention over gathered selected rows.
+- :func:`decode_attention`: dense flash-decoding attention over the whole live KV cache.
 - :func:`spotlight_attention`: the two composed (one decode step of one layer).
 """
 
-from pallas_kernels._common import default_implementation, default_interpret
+from pallas_kernels._common import default_implementation, default_interpret, resolve_implementation
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.hamming_topk import (
     TopK,
     hamming_scores,
@@ -25,6 +27,8 @@ from pallas_kernels.spotlight_attention import spotlight_attention, spotlight_at
 
 __all__ = [
     "TopK",
+    "decode_attention",
+    "decode_attention_reference",
     "default_implementation",
     "dense_decode_attention_reference",
     "default_interpret",
@@ -34,6 +38,7 @@ __all__ = [
     "hamming_topk_reference",
     "pack_bits",
     "pack_bits_reference",
+    "resolve_implementation",
     "sparse_decode_attention",
     "sparse_decode_attention_reference",
     "spotlight_attention",

@@ -16,17 +16,27 @@ first (by position) tokens with score == t until k are taken. All passes are gri
 
 Kernels (Pallas Triton):
 1. ``_score_count_kernel``: codes -> int16 scores + per-block counts for the first T thresholds.
+   Every row < S gets a score: -1 past the row's length, also in the sub-blocks it skips.
 2. ``_refine_kernel`` (0 or more): reads the previous per-block counts, narrows the range, counts
    the scores of its block against T finer thresholds.
 3. ``_compact_kernel``: exact threshold from the last counts, per-block offsets (prefix over the
-   blocks' counts), in-block ranks (cumsum), scatter of indices and scores; fills the unused
-   slots with index 0 / score 0.
+   blocks' counts), in-block ranks, scatter of indices and scores; fills the unused slots with
+   index 0 / score 0.
 
 Counting (all passes): each token's score becomes a thermometer mask (bit j set iff
 score >= lo + j * step, at most 31 thresholds), and the masks are added into bit-sliced per-lane
 counters with carry-save adders (~3 logic ops per token whatever T); the per-threshold totals are
-extracted once per program (byte-lane SWAR sums). Loops prefetch the next step's loads (Triton
-does not pipeline these loops), and the compaction ranks both classes with one packed cumsum.
+extracted once per program (byte-lane SWAR sums, all columns in one cross-warp reduction). The
+refine pass adds the 8 scores that a thread loads with one 16-byte load into the same counter lane,
+so a thread extracts one lane instead of eight.
+
+Latency (refine and compaction are short: 4 steps of 2048 scores per program at 512K): every pass
+keeps ``depth`` steps' loads in flight (all of a program's span when it has at most ``depth``
+steps) and converts loaded registers only after the whole group was issued; the score loads of the
+later passes do not depend on the row length (pass 1 wrote -1 past it) and go out before the
+count-table reads, behind a CTA barrier that keeps ptxas from reordering them. The compaction
+ranks a step's tokens with an in-thread prefix over each thread's 8 tokens plus one scan over the
+per-thread totals, in the one-token-per-thread layout of its scatter stores (no layout shuffles).
 
 Bytes: codes (16 B/token/head at 128 bits) once + int16 scores written once and read once per
 later pass (2 B each) + k indices and scores out.
@@ -49,6 +59,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import cdiv, next_pow2, resolve_implementation, triton_params
+
+# Steps (of ``block_s`` tokens) whose code loads are in flight together in pass 1, and steps (of
+# 2 * ``block_s`` int16 scores) in the refine / compaction passes. Registers per thread grow with both:
+# pass 1 at depth 2 needs ~100 registers (2 programs of 8 warps per SM), at depth 1 ~56 (4 per SM), so
+# the default (None) is depth 2 only while the grid fits 2 programs per SM of an H100 (132 SMs).
+PASS1_DEPTH = None
+PASS1_DEPTH2_MAX_PROGRAMS = 2 * 132
+SCORE_DEPTH = 4
+# At most the tokens a thread holds contiguously in a 16-byte load of int16 scores: the refine pass folds
+# a thread's scores of a step into one counter lane and the compaction ranks them in-thread.
+SCORE_LANES = 8
 
 
 class TopK(NamedTuple):
@@ -131,8 +152,9 @@ def _pick_level(
 ):
     """Index j* = max{j : count(score >= lo + j * step) >= kk}, clamped to [0, T - 2]."""
     nbp, t = h.shape
-    rows = lax.broadcasted_iota(jnp.int32, (nbp, t), 0)
-    h = jnp.where(rows < num_blocks, h, 0)  # rows past the grid are never written
+    if num_blocks < nbp:
+        rows = lax.broadcasted_iota(jnp.int32, (nbp, t), 0)
+        h = jnp.where(rows < num_blocks, h, 0)  # rows past the grid are never written
     total = jnp.sum(h, axis=0)  # [T]
     jstar = jnp.sum((total >= kk).astype(jnp.int32)) - 1
     return jnp.clip(jstar, 0, t - 2), h
@@ -176,55 +198,118 @@ def _bitsliced_add(
     return tuple(c[0] for c in cols)
 
 
+def _sum_columns(cols):
+    """Column sums of ``len(cols)`` [Q] int32 tensors as one [Q, C] reduction (C = next power of two).
+
+    One cross-warp reduction instead of one per column: the columns are joined pairwise along a new
+    last axis (``tt.join``, thread-local) so that each thread holds all C values of its lanes.
+    """
+    c = next_pow2(len(cols))
+    vals = list(cols) + [jnp.zeros_like(cols[0])] * (c - len(cols))
+    while len(vals) > 1:  # value i ends at flat column i: pairs (j, j + h) nest with j as the faster index
+        h = len(vals) // 2
+        vals = [jnp.stack([vals[j], vals[j + h]], axis=-1) for j in range(h)]
+    q = cols[0].shape[0]
+    return jnp.sum(vals[0].reshape(q, c), axis=0)  # [C]
+
+
 def _extract_counts(
     counters,  # tuple of L [Q] int32 bit-sliced counters
     t: int,
     lane_max: int,
+    total_max: int,
 ):
-    """[T] int32: per threshold, the sum over lanes of the bit-sliced counts."""
-    q = counters[0].shape[0]
-    iota = lax.broadcasted_iota(jnp.int32, (t,), 0)
-    out = jnp.zeros((t,), jnp.int32)
-    if lane_max <= 255 and lane_max * q <= 0xFFFF:
-        # Byte lanes: y_k holds the counts of thresholds k, k+8, k+16, k+24; summed as 16-bit pairs.
-        for k in range(min(8, t)):
-            y = None
-            for lv, c in enumerate(counters):
-                term = lax.shift_right_logical(c, k) & 0x01010101
-                term = term << lv if lv else term
-                y = term if y is None else y + term
-            for sh, js in ((0, (k, k + 16)), (8, (k + 8, k + 24))):
-                tot = jnp.sum(lax.shift_right_logical(y, sh) & 0x00FF00FF)
-                for half, j in enumerate(js):
-                    if j < t:
-                        val = lax.shift_right_logical(tot, 16 * half) & 0xFFFF
-                        out = jnp.where(iota == j, val, out)
+    """Per-threshold sums over the lanes of the bit-sliced counts, as ``[(offset, values)]`` slices of the [T] row.
+
+    ``lane_max`` bounds a lane's count and ``total_max`` the sum over lanes. Byte lanes when both fit: y_k holds
+    the counts of thresholds k, k+8, k+16, k+24 in its bytes; column c = k + 8 * (c // 8) keeps thresholds c and
+    c + 16 in its 16-bit halves; all columns are summed by one reduction.
+    """
+    if lane_max <= 255 and total_max <= 0xFFFF:
+        ncols = min(t, 16)
+        ys = {}
+        cols = []
+        for c in range(ncols):
+            k = c % 8
+            if k not in ys:
+                y = None
+                for lv, cnt in enumerate(counters):
+                    term = lax.shift_right_logical(cnt, k) & 0x01010101
+                    term = term << lv if lv else term
+                    y = term if y is None else y + term
+                ys[k] = y
+            cols.append(lax.shift_right_logical(ys[k], 8 * (c // 8)) & 0x00FF00FF)
+        tot = _sum_columns(cols)
+        out = [(0, tot & 0xFFFF)]
+        if t > 16:
+            out.append((16, lax.shift_right_logical(tot, 16)))
         return out
-    for j in range(t):
+    cols = []
+    for j in range(min(t, 31)):
         v = None
-        for lv, c in enumerate(counters):
-            term = lax.shift_right_logical(c, j) & 1
+        for lv, cnt in enumerate(counters):
+            term = lax.shift_right_logical(cnt, j) & 1
             term = term << lv if lv else term
             v = term if v is None else v + term
-        out = jnp.where(iota == j, jnp.sum(v), out)
-    return out
+        cols.append(v)
+    return [(0, _sum_columns(cols))]  # min(t, 31) columns padded to t (a power of two)
+
+
+def _store_counts(h_ref, parts):
+    for off, vals in parts:
+        h_ref[pl.ds(off, vals.shape[0])] = vals
+
+
+def _split_lanes(x, lanes: int):
+    """[N] -> ``lanes`` tensors [N / lanes]: element i of piece c is x[lanes * i + c].
+
+    With ``lanes`` = the elements a thread holds contiguously (8 for 16-byte loads of int16) every piece
+    has one element per thread, split without data movement (reshape + ``tt.split``).
+    """
+    if lanes == 1:
+        return [x]
+    n = x.shape[0]
+    parts = lax.split(x.reshape(n // lanes, lanes), (1,) * lanes, axis=1)
+    return [p.reshape(n // lanes) for p in parts]
 
 
 def _multiple_of(x, m: int):
-    """``pl.multiple_of`` for traced offsets; plain ints (the prefetch of step 0) pass through."""
+    """``pl.multiple_of`` for traced offsets; plain ints (static steps) pass through."""
     return pl.multiple_of(x, m) if isinstance(x, jax.core.Tracer) else x
 
 
-def _stream(load, body, steps, init):
-    """fori_loop over ``steps`` iterations that prefetches iteration i + 1's inputs while computing i."""
+def _stream(load, body, num_steps: int, steps, init, group: int, setup=None, fence: bool = False):
+    """``acc = body(it, load(it), acc, ctx)`` for it < steps, with ``group`` steps' loads in flight.
 
-    def step(it, carry):
+    ``num_steps`` (static) bounds the dynamic ``steps``. ``load`` only issues (masked) reads; every use of
+    the loaded registers belongs to ``body``, so that nothing waits on a load before the next group is
+    issued. Spans of at most ``group`` steps are straight-line code with all loads issued first; longer
+    ones loop over groups (issue group j + 1, then compute group j). ``ctx = setup()`` runs once after
+    the first group is issued (reads that overlap with it); ``fence`` puts a CTA barrier between the two
+    (compiled only), without which ptxas issues setup's loads first and the group's only after setup's
+    first results arrived (seen in the SASS). ``body`` also runs on steps in
+    [steps, ceil(steps / group) * group): their loads are masked and must leave ``acc`` unchanged.
+    """
+    first = tuple(load(i) for i in range(min(num_steps, group)))
+    if fence and setup is not None and hasattr(plgpu, "debug_barrier"):
+        plgpu.debug_barrier()  # loads stay in flight across it
+    ctx = setup() if setup is not None else None
+    if num_steps <= group:
+        acc = init
+        for i, buf in enumerate(first):
+            acc = body(i, buf, acc, ctx)
+        return acc, ctx
+    assert num_steps % group == 0, (num_steps, group)
+
+    def loop(j, carry):
         acc, cur = carry
-        nxt = load(it + 1)
-        return body(it, cur, acc), nxt
+        nxt = tuple(load((j + 1) * group + i) for i in range(group))
+        for i in range(group):
+            acc = body(j * group + i, cur[i], acc, ctx)
+        return acc, nxt
 
-    acc, _ = lax.fori_loop(0, steps, step, (init, load(0)))
-    return acc
+    acc, _ = lax.fori_loop(0, (steps + group - 1) // group, loop, (init, first))
+    return acc, ctx
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +335,7 @@ def _score_count_kernel(
     q_ref,  # [G, W] int32: query codes of the group of this KV head
     len_ref,  # [1] int32: live length of this batch row
     k_ref,  # [SPAN, W] int32: key codes of this program's span (rows past S are masked)
-    s_ref,  # [SPAN] int16 out: scores, -1 past the length
+    s_ref,  # [SPAN] int16 out: scores, -1 past the length (every row < S is written)
     h_ref,  # [T] int32 out: counts of scores >= j * step over the span (pass 1)
     *,
     group: int,
@@ -260,28 +345,39 @@ def _score_count_kernel(
     step: int,
     sub: int,
     chunks: int,
+    depth: int,
 ):
     span, w = k_ref.shape
     t = h_ref.shape[0]
     q = sub // chunks
-    planes = _query_planes(q_ref, group, num_planes)
-    # score = sum_p 2^p popcount(~(plane_p ^ k)) - (M - G)(bits - popcount(k))
-    #       = G * bits + (M - G) popcount(k) - sum_p 2^p popcount(plane_p ^ k)
-    extra = (1 << num_planes) - 1 - group
     base = pl.program_id(1) * span
     length = len_ref[0]
-    lim = jnp.minimum(jnp.minimum(length, seq_len), base + span)  # rows >= lim are not read
+    full_blocks = seq_len % span == 0  # no block extends past S
+    lim = jnp.minimum(jnp.minimum(length, seq_len), base + span)  # rows >= lim are not read ...
     lane = lax.broadcasted_iota(jnp.int32, (q,), 0)
+    num_steps = span // sub
+    steps = jnp.clip((length - base + sub - 1) // sub, 0, num_steps)  # sub-blocks past the length are skipped
 
     def load(it):
         out = []
         for c in range(chunks):
             off = _multiple_of(it * sub + c * q, q)
-            live = base + off + lane < lim
-            out.append(plgpu.load(k_ref.at[pl.ds(off, q), :], mask=jnp.broadcast_to(live[:, None], (q, w)), other=0))
+            ref = k_ref.at[pl.ds(off, q), :]
+            if isinstance(it, int) and it == 0:  # ... except in step 0: its loads go out before the length arrives
+                if full_blocks:
+                    out.append(plgpu.load(ref))
+                    continue
+                live = base + off + lane < seq_len
+            else:
+                live = base + off + lane < lim
+            out.append(plgpu.load(ref, mask=jnp.broadcast_to(live[:, None], (q, w)), other=0))
         return tuple(out)
 
-    def body(it, codes, counters):
+    # score = sum_p 2^p popcount(~(plane_p ^ k)) - (M - G)(bits - popcount(k))
+    #       = G * bits + (M - G) popcount(k) - sum_p 2^p popcount(plane_p ^ k)
+    extra = (1 << num_planes) - 1 - group
+
+    def body(it, codes, counters, planes):
         masks = []
         for c in range(chunks):
             off = _multiple_of(it * sub + c * q, q)
@@ -294,30 +390,37 @@ def _score_count_kernel(
             if extra:
                 score += extra * jnp.sum(lax.population_count(k), axis=1)
             score = jnp.where(rows < length, score, -1)
-            plgpu.store(s_ref.at[pl.ds(off, q)], score.astype(jnp.int16), mask=rows < seq_len)
+            plgpu.store(s_ref.at[pl.ds(off, q)], score.astype(jnp.int16), mask=None if full_blocks else rows < seq_len)
             masks.append(_thermometer(score, 0, step, min(t, 31)))
         return _bitsliced_add(counters, masks)
 
-    lane_max = (span // sub) * chunks
+    lane_max = num_steps * chunks
     init = tuple(jnp.zeros((q,), jnp.int32) for _ in range(lane_max.bit_length()))
-    steps = jnp.clip((length - base + sub - 1) // sub, 0, span // sub)  # skip sub-blocks past the length
-    h_ref[...] = _extract_counts(_stream(load, body, steps, init), t, lane_max)
+    counters, _ = _stream(load, body, num_steps, steps, init, depth, lambda: _query_planes(q_ref, group, num_planes))
+    _store_counts(h_ref, _extract_counts(counters, t, lane_max, span))
+    if num_steps > depth:  # skipped sub-blocks still get -1: the later passes read scores without the length
+        minus1 = jnp.full((sub,), -1, jnp.int16)
+        iota = lax.broadcasted_iota(jnp.int32, (sub,), 0)
+
+        def fill(it, carry):
+            off = _multiple_of(it * sub, sub)
+            plgpu.store(s_ref.at[pl.ds(off, sub)], minus1, mask=None if full_blocks else base + off + iota < seq_len)
+            return carry
+
+        lax.fori_loop((steps + depth - 1) // depth * depth, num_steps, fill, 0)
 
 
-def _score_loader(s_ref, sub, chunks, base, length, seq_len, steps):
-    """Loads of int16 scores as int32, -1 past the length. The load mask (static seq_len, scalar
-    step bound) keeps 8-token groups uniform so that the loads stay 16 bytes wide."""
-    q = sub // chunks
-    lane = lax.broadcasted_iota(jnp.int32, (q,), 0)
+def _score_loader(s_ref, sub, base, seq_len):
+    """Loads of ``sub`` int16 scores, masked only by the static S: pass 1 wrote -1 past the length, so
+    the loads need not wait for it and 8-token groups stay uniform (16-byte loads)."""
+    lane = lax.broadcasted_iota(jnp.int32, (sub,), 0)
+    span = s_ref.shape[0]
 
     def load(it):
-        out = []
-        for c in range(chunks):
-            off = _multiple_of(it * sub + c * q, q)
-            rows = base + off + lane
-            s = plgpu.load(s_ref.at[pl.ds(off, q)], mask=(rows < seq_len) & (it < steps), other=-1)
-            out.append(jnp.where(rows < length, s.astype(jnp.int32), -1))
-        return tuple(out)
+        off = _multiple_of(it * sub, sub)
+        if seq_len % span == 0:  # no block extends past S
+            return plgpu.load(s_ref.at[pl.ds(off, sub)])
+        return plgpu.load(s_ref.at[pl.ds(off, sub)], mask=base + off + lane < seq_len, other=-1)
 
     return load
 
@@ -330,41 +433,42 @@ def _refine_kernel(
     prev_step: int,
     step: int,
     sub: int,
-    chunks: int,
+    lanes: int,
     seq_len: int,
     k: int,
     has_prev_lo: bool,
+    depth: int,
+    compiled: bool,
 ):
     # refs: [prev_lo_ref [NBP] int32], hp_ref [NBP, T] int32, s_ref [SPAN] int16,
     #       h_ref [T] int32 out, lo_ref [1] int32 out
     if has_prev_lo:
         prev_lo_ref, hp_ref, s_ref, h_ref, lo_ref = refs
-        prev_lo = prev_lo_ref[0]
     else:
         hp_ref, s_ref, h_ref, lo_ref = refs
-        prev_lo = 0
     span = s_ref.shape[0]
     t = h_ref.shape[0]
     length = len_ref[0]
     base = pl.program_id(1) * span
-    steps = jnp.clip((length - base + sub - 1) // sub, 0, span // sub)
-    load = _score_loader(s_ref, sub, chunks, base, length, seq_len, steps)
-    first = load(0)  # issue the score loads before the count-table reduction
-    jstar, _ = _pick_level(hp_ref[...], num_blocks, jnp.minimum(kk_ref[0], k))
-    lo = prev_lo + jstar * prev_step
+    num_steps = span // sub
+    steps = jnp.clip((length - base + sub - 1) // sub, 0, num_steps)
+    load = _score_loader(s_ref, sub, base, seq_len)
 
-    def body(it, scores, counters):
-        return _bitsliced_add(counters, [_thermometer(s, lo, step, min(t, 31)) for s in scores])
+    def setup():  # the threshold range of this pass, read while the first scores are in flight
+        prev_lo = prev_lo_ref[0] if has_prev_lo else 0
+        jstar, _ = _pick_level(hp_ref[...], num_blocks, jnp.minimum(kk_ref[0], k))
+        return prev_lo + jstar * prev_step
 
-    def step_fn(it, carry):
-        acc, cur = carry
-        nxt = load(it + 1)
-        return body(it, cur, acc), nxt
+    def body(it, raw, counters, lo):
+        s = raw.astype(jnp.int32)
+        # One thermometer per token, then one counter lane per thread: the `lanes` tokens a thread holds
+        # are added into the same lane by the carry-save tree (fewer counters to extract at the end).
+        return _bitsliced_add(counters, _split_lanes(_thermometer(s, lo, step, min(t, 31)), lanes))
 
-    lane_max = (span // sub) * chunks
-    init = tuple(jnp.zeros((sub // chunks,), jnp.int32) for _ in range(lane_max.bit_length()))
-    counters, _ = lax.fori_loop(0, steps, step_fn, (init, first))
-    h_ref[...] = _extract_counts(counters, t, lane_max)
+    lane_max = num_steps * lanes
+    init = tuple(jnp.zeros((sub // lanes,), jnp.int32) for _ in range(lane_max.bit_length()))
+    counters, lo = _stream(load, body, num_steps, steps, init, depth, setup, fence=compiled)
+    _store_counts(h_ref, _extract_counts(counters, t, lane_max, span))
     lo_ref[...] = jnp.full((1,), lo, jnp.int32)
 
 
@@ -374,65 +478,81 @@ def _compact_kernel(
     *refs,
     num_blocks: int,
     sub: int,
+    lanes: int,
     seq_len: int,
     k: int,
     fill: int,
     has_prev_lo: bool,
+    depth: int,
+    compiled: bool,
 ):
     # refs: [lo_ref [NBP] int32], h_ref [NBP, T] int32 (last pass, step 1), s_ref [SPAN] int16,
     #       idx_ref [k] int32 out, sc_ref [k] int32 out, nv_ref [1] int32 out
     if has_prev_lo:
         lo_ref, h_ref, s_ref, idx_ref, sc_ref, nv_ref = refs
-        lo = lo_ref[0]
     else:
         h_ref, s_ref, idx_ref, sc_ref, nv_ref = refs
-        lo = 0
     span = s_ref.shape[0]
     blk = pl.program_id(1)
-    kk = jnp.minimum(kk_ref[0], k)
     length = len_ref[0]
     base = blk * span
-    steps = jnp.clip((length - base + sub - 1) // sub, 0, span // sub)
-    load = _score_loader(s_ref, sub, 1, base, length, seq_len, steps)
-    first = load(0)  # issue the score loads before the count-table reductions
-    jstar, h = _pick_level(h_ref[...], num_blocks, kk)
-    nbp, t = h.shape
-    col = lax.broadcasted_iota(jnp.int32, (nbp, t), 1)
-    ge = jnp.sum(jnp.where(col == jstar, h, 0), axis=1)  # [NBP] per-block count of score >= thr
-    gt = jnp.sum(jnp.where(col == jstar + 1, h, 0), axis=1)  # [NBP] per-block count of score > thr
-    before = lax.broadcasted_iota(jnp.int32, (nbp,), 0) < blk
-    off_gt = jnp.sum(jnp.where(before, gt, 0))
-    off_eq = jnp.sum(jnp.where(before, ge - gt, 0))
-    total_gt = jnp.sum(gt)
-    n_valid = jnp.minimum(kk, jnp.sum(ge))
-    thr = lo + jstar
-    lane = lax.broadcasted_iota(jnp.int32, (sub,), 0)
+    num_steps = span // sub
+    steps = jnp.clip((length - base + sub - 1) // sub, 0, num_steps)
+    load = _score_loader(s_ref, sub, base, seq_len)
 
-    def step_fn(it, carry):
-        (n_gt, n_eq), (s,) = carry
-        nxt = load(it + 1)
-        rows = base + _multiple_of(it * sub, sub) + lane
-        is_gt = s > thr
-        is_eq = s == thr
-        # One scan for both ranks: > thr counts in the low 16 bits, == thr in the high 16 (sub < 2^15).
-        packed = is_gt.astype(jnp.int32) + (is_eq.astype(jnp.int32) << 16)
-        cs = jnp.cumsum(packed)
-        rank_gt = (cs & 0xFFFF) - 1
-        rank_eq = lax.shift_right_logical(cs, 16) - 1
-        pos = jnp.where(is_gt, off_gt + n_gt + rank_gt, total_gt + off_eq + n_eq + rank_eq)
-        take = (is_gt | is_eq) & (pos < n_valid)
-        pos = jnp.where(take, pos, k)  # masked lanes point past the row (dropped in interpret mode)
-        plgpu.store(idx_ref.at[pos], rows, mask=take)
-        plgpu.store(sc_ref.at[pos], s, mask=take)
-        tot = jnp.sum(packed)
-        return (n_gt + (tot & 0xFFFF), n_eq + lax.shift_right_logical(tot, 16)), nxt
+    def setup():  # exact threshold and this block's output offsets, read while the first scores are in flight
+        kk = jnp.minimum(kk_ref[0], k)
+        lo = lo_ref[0] if has_prev_lo else 0
+        jstar, h = _pick_level(h_ref[...], num_blocks, kk)
+        nbp, t = h.shape
+        col = lax.broadcasted_iota(jnp.int32, (nbp, t), 1)
+        ge = jnp.sum(jnp.where(col == jstar, h, 0), axis=1)  # [NBP] per-block count of score >= thr
+        gt = jnp.sum(jnp.where(col == jstar + 1, h, 0), axis=1)  # [NBP] per-block count of score > thr
+        before = lax.broadcasted_iota(jnp.int32, (nbp,), 0) < blk
+        tot = _sum_columns([jnp.where(before, gt, 0), jnp.where(before, ge - gt, 0), gt, ge])
+        off_gt, off_eq, total_gt, total_ge = (jnp.sum(jnp.where(jnp.arange(4) == i, tot, 0)) for i in range(4))
+        return lo + jstar, off_gt, total_gt + off_eq, jnp.minimum(kk, total_ge)
 
-    lax.fori_loop(0, steps, step_fn, ((jnp.int32(0), jnp.int32(0)), first))
+    r = sub // lanes
+    row_iota = lanes * lax.broadcasted_iota(jnp.int32, (r,), 0)
+
+    def body(it, raw, carry, ctx):
+        # The step's tokens as `lanes` columns of [r] (column c holds tokens lanes * i + c, thread-local):
+        # in-thread prefix over the columns + one scan over the [r] row totals give each token's rank, and
+        # the scatters stay in the one-element-per-thread layout that Triton uses for them (no shuffles).
+        thr, gt_base, eq_base, n_valid = ctx
+        n_gt, n_eq = carry
+        cols = _split_lanes(raw.astype(jnp.int32), lanes)
+        # > thr counts in the low 16 bits, == thr in the high 16 (sub < 2^16).
+        packed = [(s > thr).astype(jnp.int32) + ((s == thr).astype(jnp.int32) << 16) for s in cols]
+        prefix = [None]
+        for p in packed[:-1]:
+            prefix.append(p if prefix[-1] is None else prefix[-1] + p)
+        row_tot = packed[0] if lanes == 1 else prefix[-1] + packed[-1]
+        row_ex = jnp.cumsum(row_tot) - row_tot  # packed ranks of each row's first token within the step
+        tot = jnp.sum(row_tot)
+        start = gt_base + n_gt, eq_base + n_eq
+        rows0 = base + _multiple_of(it * sub, sub) + row_iota
+        for c, (s, p) in enumerate(zip(cols, packed, strict=True)):
+            ex = row_ex if prefix[c] is None else row_ex + prefix[c]
+            is_gt = s > thr
+            pos = jnp.where(is_gt, start[0] + (ex & 0xFFFF), start[1] + lax.shift_right_logical(ex, 16))
+            take = (p != 0) & (pos < n_valid)
+            if not compiled:
+                pos = jnp.where(take, pos, k)  # masked lanes point past the row (dropped in interpret mode)
+            plgpu.store(idx_ref.at[pos], rows0 + c, mask=take)
+            plgpu.store(sc_ref.at[pos], s, mask=take)
+        return n_gt + (tot & 0xFFFF), n_eq + lax.shift_right_logical(tot, 16)
+
+    _, (_, _, _, n_valid) = _stream(
+        load, body, num_steps, steps, (jnp.int32(0), jnp.int32(0)), depth, setup, fence=compiled
+    )
 
     # Unused slots [n_valid, k): this program zero-fills its share of them.
     slots = blk * fill + lax.broadcasted_iota(jnp.int32, (fill,), 0)
     empty = (slots >= n_valid) & (slots < k)
-    slots = jnp.where(empty, slots, k)
+    if not compiled:
+        slots = jnp.where(empty, slots, k)
     zeros = jnp.zeros((fill,), jnp.int32)
     plgpu.store(idx_ref.at[slots], zeros, mask=empty)
     plgpu.store(sc_ref.at[slots], zeros, mask=empty)
@@ -457,7 +577,9 @@ def plan_spans(seq_len: int, rows: int, sub: int, max_blocks: int = 64, target_p
     return sub, span, cdiv(seq_len, span)
 
 
-def _scores_pass(q_codes, k_codes, lengths, *, sub, span, num_thresholds, step, num_warps, interpret, chunks=4):
+def _scores_pass(
+    q_codes, k_codes, lengths, *, sub, span, num_thresholds, step, num_warps, interpret, chunks=4, depth=None
+):
     """Pass 1: int16 scores [BK, S] and per-block counts [BK, NBP, T]."""
     b, n, w = q_codes.shape
     kv, s = k_codes.shape[1], k_codes.shape[2]
@@ -465,6 +587,8 @@ def _scores_pass(q_codes, k_codes, lengths, *, sub, span, num_thresholds, step, 
     qc = lax.bitcast_convert_type(q_codes, jnp.int32).reshape(bk, g, w)
     codes = lax.bitcast_convert_type(k_codes, jnp.int32).reshape(bk, s, w)
     nb = cdiv(s, span)
+    if depth is None:
+        depth = 2 if bk * nb <= PASS1_DEPTH2_MAX_PROGRAMS else 1
     kernel = functools.partial(
         _score_count_kernel,
         group=g,
@@ -474,6 +598,7 @@ def _scores_pass(q_codes, k_codes, lengths, *, sub, span, num_thresholds, step, 
         step=step,
         sub=sub,
         chunks=min(chunks, sub),
+        depth=depth,
     )
     scores, counts = pl.pallas_call(
         kernel,
@@ -517,7 +642,19 @@ def _hamming_scores_pallas(q_codes, k_codes, *, sub=1024, num_warps=4, interpret
 
 
 @functools.partial(
-    jax.jit, static_argnames=("k", "block_s", "num_thresholds", "num_warps", "max_blocks", "chunks", "interpret")
+    jax.jit,
+    static_argnames=(
+        "k",
+        "block_s",
+        "num_thresholds",
+        "num_warps",
+        "max_blocks",
+        "chunks",
+        "pass1_depth",
+        "depth",
+        "score_lanes",
+        "interpret",
+    ),
 )
 def hamming_topk_rows(
     q_codes,  # [B, N, W] uint32
@@ -531,12 +668,19 @@ def hamming_topk_rows(
     num_warps: int = 8,
     max_blocks: int = 64,
     chunks: int = 4,
+    pass1_depth: int | None = PASS1_DEPTH,
+    depth: int = SCORE_DEPTH,
+    score_lanes: int = SCORE_LANES,
     interpret: bool = False,
 ):
     """Pallas top-k; returns (indices [BK, k] int32, scores [BK, k] int32, n_valid [BK] int32).
 
     ``block_s`` is the number of tokens per inner step of a program (``chunks`` loads of
     ``block_s / chunks`` tokens; 1 token per thread and chunk at block_s = chunks * 32 * num_warps).
+    ``pass1_depth`` / ``depth``: steps whose loads are in flight together in pass 1 / in the refine and
+    compaction passes (powers of two; 1 = one-step prefetch, as before; None = automatic for pass 1).
+    ``score_lanes``: at most this many scores per thread and step are folded into one counter lane /
+    ranked in-thread (1 = one lane per score and one block-wide scan per step, as before).
     At most 31 of the ``num_thresholds`` (a power of two) are used: one bit each in an int32 mask.
     Slots ``>= n_valid`` of a row hold index 0 and score 0. This is the form that ``sparse_decode_attention_rows``
     consumes without materialising a boolean mask.
@@ -548,9 +692,9 @@ def hamming_topk_rows(
     t_real = min(t, 31)  # column 31 of a 32-wide count table stays 0 (masks have 31 usable bits)
     sub, span, nb = plan_spans(s, bk, block_s, max_blocks)
     chunks = min(chunks, sub)
-    # Refine / compact stream 2-byte scores: wider steps (2 * sub tokens, one load, 8 per thread).
+    # Refine / compact stream 2-byte scores: wider steps (2 * sub tokens, one 16-byte load per thread).
     sub2 = min(span, 2 * sub)
-    sub3 = sub2  # compact: 8 tokens per thread per scan (16 would need ~200 registers: 1 program per SM)
+    lanes = max(1, min(score_lanes, sub2 // (32 * num_warps)))  # scores per thread and step
     nbp = next_pow2(nb)
     steps = level_steps((n // kv) * bits + 1, t_real)
     lengths = lengths.astype(jnp.int32)
@@ -567,6 +711,7 @@ def hamming_topk_rows(
         num_warps=num_warps,
         interpret=interpret,
         chunks=chunks,
+        depth=pass1_depth,
     )
     params = triton_params(num_warps=num_warps, num_stages=2)
     row_spec = pl.BlockSpec((1,), lambda r, i: (r // kv,))
@@ -581,10 +726,12 @@ def hamming_topk_rows(
             prev_step=steps[level - 1],
             step=steps[level],
             sub=sub2,
-            chunks=1,
+            lanes=lanes,
             seq_len=s,
             k=k,
             has_prev_lo=lo is not None,
+            depth=depth,
+            compiled=not interpret,
         )
         extra = [] if lo is None else [lo]
         counts, lo = pl.pallas_call(
@@ -606,7 +753,16 @@ def hamming_topk_rows(
 
     fill = next_pow2(cdiv(k, nb))
     kernel = functools.partial(
-        _compact_kernel, num_blocks=nb, sub=sub3, seq_len=s, k=k, fill=fill, has_prev_lo=lo is not None
+        _compact_kernel,
+        num_blocks=nb,
+        sub=sub2,
+        lanes=lanes,
+        seq_len=s,
+        k=k,
+        fill=fill,
+        has_prev_lo=lo is not None,
+        depth=depth,
+        compiled=not interpret,
     )
     extra = [] if lo is None else [lo]
     out_row_spec = pl.BlockSpec((None, k), lambda r, i: (r, 0))

@@ -16,7 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import hamming_topk, sparse_decode_attention, spotlight_attention
+from pallas_kernels import decode_attention as pallas_decode_attention
+from pallas_kernels import hamming_topk, resolve_implementation, sparse_decode_attention, spotlight_attention
 from spotlight_jax.config import RetrievalConfig
 
 CODE_METHODS = ("linear", "spotlight")
@@ -28,9 +29,12 @@ def live_budget(lengths: jax.Array, cfg: RetrievalConfig, k_max: int) -> jax.Arr
     return jnp.minimum(budget, k_max)
 
 
-def dense_decode_attention(q, k_cache, v_cache, lengths, scale, window=None):
+def dense_decode_attention(q, k_cache, v_cache, lengths, scale, window=None, implementation=None):
     """q [B, N, H], k/v_cache [B, K, S, H], lengths [B] -> [B, N, H] fp32. Rows >= lengths[b] are masked, and with a
-    sliding `window` rows at or before lengths[b] - 1 - window."""
+    sliding `window` rows at or before lengths[b] - 1 - window. `implementation` "pallas" (the default on GPU) runs the
+    flash-decoding kernel (XLA's einsums read the cache at half the bandwidth); "xla" (elsewhere) the einsums below."""
+    if resolve_implementation(implementation) == "pallas":
+        return pallas_decode_attention(q, k_cache, v_cache, lengths, scale, window=window, implementation="pallas")
     b, n, h = q.shape
     kh, s = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, kh, n // kh, h)
@@ -144,7 +148,7 @@ def decode_attention(
 ) -> jax.Array:  # [B, N, H] fp32
     """One decode step of one layer: dense on dense layers, else select rows and attend over only those."""
     if not cfg.is_sparse_layer(layer):
-        return dense_decode_attention(q, k_cache, v_cache, lengths, scale, window)
+        return dense_decode_attention(q, k_cache, v_cache, lengths, scale, window, cfg.implementation)
     if cfg.method in CODE_METHODS and not (cfg.sink_tokens or cfg.recent_window):
         # The fused path: Hamming top-k and sparse attention back to back (Pallas on GPU).
         k_max = cfg.k_max(k_cache.shape[2])

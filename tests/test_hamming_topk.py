@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import hamming_scores, hamming_scores_reference, hamming_topk, hamming_topk_reference
-from pallas_kernels.hamming_topk import level_steps
+from pallas_kernels.hamming_topk import hamming_topk_rows, level_steps
 from tests.kernel_test_base import INTERPRET, random_codes, rng, scores_np
 
 # (batch, query heads, KV heads, S, bits): covers G in {1, 3, 4, 7, 8} and bits in {32 ... 256}.
@@ -122,3 +122,38 @@ def test_level_plan_ends_with_unit_step(num_scores, t):
     for st in steps:
         assert (t - 1) * st >= w  # the pass's thresholds cover the whole candidate range
         w = st
+
+
+# (batch, N, K, S, bits, lengths, k, block_s, max blocks, warps, pass1_depth, depth): the group loops of
+# every pass (more steps per program than loads in flight), the one-step prefetch, several scores per
+# thread and step (block_s * 2 / (32 * warps) lanes), and counts extracted per threshold (a lane counts
+# > 255 tokens).
+STREAM_CASES = [
+    pytest.param(2, 8, 2, 2000, 64, (2000, 777), 50, 32, 1, 1, None, 4, id="group-loops-word-counts-2lanes"),
+    pytest.param(1, 12, 3, 1500, 128, (1333,), 60, 64, 4, 1, 1, 1, id="depth1-4lanes"),
+    pytest.param(2, 6, 2, 700, 64, (700, 301), 33, 32, 2, 8, 2, 2, id="depth2-ragged-1lane"),
+]
+
+
+@pytest.mark.parametrize("b,n,kv,s,bits,lengths,kk,block_s,max_blocks,warps,pass1_depth,depth", STREAM_CASES)
+def test_topk_stream_variants(b, n, kv, s, bits, lengths, kk, block_s, max_blocks, warps, pass1_depth, depth):
+    gen = rng(s + 7 * kk)
+    q = random_codes(gen, (b, n, bits // 32))
+    k = random_codes(gen, (b, kv, s, bits // 32))
+    lengths = np.asarray(lengths, np.int32)
+    idx, sc, nv = hamming_topk_rows(
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(lengths),
+        jnp.full((b,), kk, jnp.int32),
+        k=kk,
+        block_s=block_s,
+        max_blocks=max_blocks,
+        num_warps=warps,
+        pass1_depth=pass1_depth,
+        depth=depth,
+        interpret=INTERPRET,
+    )
+    valid = np.arange(kk)[None, :] < np.asarray(nv)[:, None]
+    out = (np.asarray(idx).reshape(b, kv, kk), np.asarray(sc).reshape(b, kv, kk), valid.reshape(b, kv, kk))
+    _check_topk(out, q, k, lengths, kk)
