@@ -23,6 +23,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import jax.numpy as jnp
@@ -395,7 +396,7 @@ def gguf_tensors(gguf_path: str) -> tuple[Any, dict[str, LazyTensor]]:
     metadata, tensor_names = read_gguf_metadata(gguf_path)  # fast: vocabulary arrays are skipped
     config = gguf_config(metadata, tensor_names)
     hf_cfg = _hf_config_from_gguf_dict(config)
-    header = GgufHeader.from_file(gguf_path)
+    header = _gguf_header(gguf_path, GgufHeader)
     processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config)
     names = expected_hf_names(ModelConfig.from_hf(hf_cfg)) + ["lm_head.weight"]
     name_map = get_gguf_hf_weights_map(
@@ -427,6 +428,30 @@ def gguf_tensors(gguf_path: str) -> tuple[Any, dict[str, LazyTensor]]:
 
         tensors[name_map[info.name]] = LazyTensor(tuple(info.shape), load)
     return hf_cfg, tensors
+
+
+def _gguf_header(gguf_path: str, fast_header: Any) -> Any:
+    """Tensor table of a GGUF file: transformers' fast reader, or the `gguf` package's reader where the installed
+    transformers' reader refuses a quantisation type (transformers 5.17 reads only Q8_0/Q4_K/Q5_K/Q6_K tables; the
+    embedded SmolLM2 file is Q4_1). Both give name, numpy-order shape, ggml type, absolute byte range."""
+    try:
+        return fast_header.from_file(gguf_path)
+    except ValueError:
+        import gguf
+
+    reader = gguf.GGUFReader(gguf_path, "r")
+    arch = reader.fields["general.architecture"]
+    tensors = tuple(
+        SimpleNamespace(
+            name=t.name,
+            shape=tuple(int(d) for d in reversed(t.shape.tolist())),
+            ggml_type=int(t.tensor_type),
+            offset=int(t.data_offset),
+            nbytes=int(t.n_bytes),
+        )  # fmt: skip
+        for t in reader.tensors
+    )
+    return SimpleNamespace(architecture=bytes(arch.parts[arch.data[0]]).decode(), tensors=tensors, data_start=0)
 
 
 def _hf_config_from_gguf_dict(config: dict[str, Any]) -> Any:

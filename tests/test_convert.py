@@ -246,3 +246,20 @@ def test_default_model_loads_with_tokenizer(smollm2_jax):
     assert model.cfg.tie_word_embeddings and model.lm_head is None
     ids = tokenizer("Hello world")["input_ids"]
     assert tokenizer.decode(ids) == "Hello world"
+
+
+def test_gguf_table_falls_back_to_the_gguf_reader(smollm2_path):
+    """transformers 5.17's fast GGUF reader refuses Q4_1 tables; the `gguf` reader must then give the same table."""
+    from transformers.integrations.gguf import GgufHeader
+
+    class Refuses:
+        @staticmethod
+        def from_file(path):
+            raise ValueError("holds tensors of ggml type 3, which is not supported yet")
+
+    fast = convert._gguf_header(str(smollm2_path), GgufHeader)
+    slow = convert._gguf_header(str(smollm2_path), Refuses)
+    assert slow.architecture == fast.architecture == "llama"
+    assert [(t.name, tuple(t.shape), t.ggml_type, fast.data_start + t.offset, t.nbytes) for t in fast.tensors] == [
+        (t.name, t.shape, t.ggml_type, slow.data_start + t.offset, t.nbytes) for t in slow.tensors
+    ]

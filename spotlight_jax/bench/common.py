@@ -13,7 +13,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-HBM_BYTES_PER_S = 3.0e12  # measured device-to-device copy ceiling on the H100 (read + write), GPU.md
+# Measured device-to-device copy ceilings (read + write): H100 3.0 TB/s (GPU.md), H200 4.3 TB/s (device KINDS.md).
+# SPOTLIGHT_PEAK_TBS overrides; other devices fall back to the H100 figure.
+HBM_BYTES_PER_S = {"H100": 3.0e12, "H200": 4.3e12}
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "results"
 
 
@@ -25,11 +27,20 @@ def provenance() -> dict:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "jax": jax.__version__,
         "python": platform.python_version(),
+        "roofline_tbs": peak_bytes_per_s() / 1e12,
     }
 
 
+def peak_bytes_per_s() -> float:
+    """The roofline's bandwidth for the current device (bytes/s)."""
+    if os.environ.get("SPOTLIGHT_PEAK_TBS"):
+        return float(os.environ["SPOTLIGHT_PEAK_TBS"]) * 1e12
+    kind = getattr(jax.devices()[0], "device_kind", "")
+    return next((bw for name, bw in HBM_BYTES_PER_S.items() if name in kind), HBM_BYTES_PER_S["H100"])
+
+
 def roofline_us(nbytes: float) -> float:
-    return nbytes / HBM_BYTES_PER_S * 1e6
+    return nbytes / peak_bytes_per_s() * 1e6
 
 
 def time_jitted(fn: Callable, *args, repeats: int = 7, warmup: int = 1) -> list[float]:
