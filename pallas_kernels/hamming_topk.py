@@ -564,6 +564,12 @@ def _compact_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def _table_rows(num_blocks: int) -> int:
+    """Rows of the per-block count tables: a power of two, and at least 2. A one-row table crashed the GPU's
+    Triton compiler (segfault) in the refine/compaction passes' table reductions; padded rows are masked."""
+    return max(2, next_pow2(num_blocks))
+
+
 def plan_spans(seq_len: int, rows: int, sub: int, max_blocks: int = 64, target_programs: int = 528):
     """(sub, span, num_blocks): programs stream ``span`` tokens in ``sub``-token steps.
 
@@ -614,7 +620,7 @@ def _scores_pass(
         ],
         out_shape=[
             jax.ShapeDtypeStruct((bk, s), jnp.int16),
-            jax.ShapeDtypeStruct((bk, next_pow2(nb), num_thresholds), jnp.int32),
+            jax.ShapeDtypeStruct((bk, _table_rows(nb), num_thresholds), jnp.int32),
         ],
         compiler_params=triton_params(num_warps=num_warps, num_stages=2),
         interpret=interpret,
@@ -695,7 +701,7 @@ def hamming_topk_rows(
     # Refine / compact stream 2-byte scores: wider steps (2 * sub tokens, one 16-byte load per thread).
     sub2 = min(span, 2 * sub)
     lanes = max(1, min(score_lanes, sub2 // (32 * num_warps)))  # scores per thread and step
-    nbp = next_pow2(nb)
+    nbp = _table_rows(nb)
     steps = level_steps((n // kv) * bits + 1, t_real)
     lengths = lengths.astype(jnp.int32)
     budget = budget.astype(jnp.int32)

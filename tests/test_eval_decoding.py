@@ -60,3 +60,23 @@ def test_shared_prefill_greedy_decode_equals_generate():
     np.testing.assert_array_equal(np.asarray(toks), ref.tokens)
     # the shared prefill survives (it was copied, not donated)
     assert np.isfinite(np.asarray(shared.k[0])).all()
+
+
+def test_prefill_into_a_cache_narrower_than_the_length_bucket():
+    """A 7168-token passkey prompt + 8 answer tokens: bucket 8192 > cache 7176 (failed on the GPU run)."""
+    tokens = _tokens(2, 40, seed=3)  # bucket(40) = 64 > cache 44
+    cache, logits, lengths = decoding.prefill_batch(MODEL, tokens, 44)
+    assert cache.k[0].shape[2] == 44 and list(np.asarray(lengths)) == [40, 40]
+    ref = MODEL(jnp.asarray(tokens)).logits[:, -1]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-4)
+
+
+def test_token_files_carry_their_corpus(tmp_path):
+    import argparse
+
+    path = str(tmp_path / "t.npz")
+    args = argparse.Namespace(tokens=None, save_tokens=path, data="/somewhere/pydocs.jsonl.gz")
+    decoding.tokens_or_build(args, lambda: {"prompts": _tokens(2, 8)})
+    again = argparse.Namespace(tokens=path, save_tokens=None, data=None)
+    arrays = decoding.tokens_or_build(again, lambda: 1 / 0)
+    assert list(arrays) == ["prompts"] and decoding.data_label(again) == "pydocs.jsonl.gz"

@@ -93,15 +93,26 @@ def eval_texts(args, part: str = "heldout"):
 
 
 def tokens_or_build(args, build):
-    """Load --tokens if given, else `build()` (a dict of arrays), saving it to --save-tokens when asked."""
+    """Load --tokens if given, else `build()` (a dict of arrays), saving it to --save-tokens when asked. The file
+    carries the name of its corpus, so results computed from it on another machine still say where the text came
+    from (`data_label`)."""
     if args.tokens:
         with np.load(args.tokens) as f:
-            return {k: f[k] for k in f.files}
+            arrays = {k: f[k] for k in f.files}
+        source = arrays.pop("data_source", None)
+        args.data_label = str(source) if source is not None else f"tokens file {os.path.basename(args.tokens)}"
+        return arrays
     arrays = build()
+    args.data_label = args.data or default_data()
     if args.save_tokens:
         os.makedirs(os.path.dirname(os.path.abspath(args.save_tokens)), exist_ok=True)
-        np.savez_compressed(args.save_tokens, **arrays)
+        np.savez_compressed(args.save_tokens, **arrays, data_source=np.asarray(os.path.basename(args.data_label)))
     return arrays
+
+
+def data_label(args) -> str:
+    """The corpus an evaluation read (from its token file when it came with --tokens)."""
+    return getattr(args, "data_label", None) or args.data or default_data()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,7 +184,8 @@ def prefill_batch(model, rows: list[list[int]] | np.ndarray, cache_len: int):
     """Right-pad `rows`, prefill densely into a cache of `cache_len` -> (cache, last logits, lengths)."""
     rows = [list(map(int, r)) for r in rows]
     lengths = np.array([len(r) for r in rows], np.int32)
-    tokens = np.zeros((len(rows), bucket(int(lengths.max()))), np.int32)
+    width = min(bucket(int(lengths.max())), cache_len)  # the bucket, but never wider than the cache
+    tokens = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = r
     graphdef, state = nnx.split(model)

@@ -64,6 +64,6 @@ def run(args):
     meta = {
         "num_prompts": int(len(prompts)), "prompt_len": int(prompts.shape[1]), "new_tokens": args.new_tokens,
         "keep_ratio": args.keep_ratio, "min_keep": args.min_keep, "seconds": round(time.perf_counter() - t0, 1),
-        "data": args.data or decoding.default_data(),
+        "data": decoding.data_label(args),
     }  # fmt: skip
     write_report(args.out, "fidelity", rows, meta)

@@ -96,6 +96,6 @@ def run(args):
     meta = {
         "unit": "success rate in % per prompt length (tokens)", "depths": [round(float(d), 3) for d in data["depths"]],
         "keep_ratio": args.keep_ratio, "min_keep": args.min_keep, "seconds": round(time.perf_counter() - t0, 1),
-        "data": args.data or decoding.default_data(), "sample_answers": answers[:: max(1, len(answers) // 12)],
+        "data": decoding.data_label(args), "sample_answers": answers[:: max(1, len(answers) // 12)],
     }  # fmt: skip
     write_report(args.out, "passkey", rows, meta)

@@ -69,7 +69,7 @@ def run(args):
         r["nll"] = round(r["nll"], 5)
     meta = {
         "seq_len": int(seqs.shape[1]), "prefix": args.prefix, "num_seqs": int(len(seqs)),
-        "keep_ratio": args.keep_ratio, "min_keep": args.min_keep, "data": args.data or decoding.default_data(),
+        "keep_ratio": args.keep_ratio, "min_keep": args.min_keep, "data": decoding.data_label(args),
     }  # fmt: skip
     write_report(args.out, "perplexity", rows, meta)
     plot_curves(curves, args.prefix, os.path.join(args.out, "perplexity.png"))
