@@ -14,6 +14,7 @@ a document.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sysconfig
 from collections.abc import Sequence
@@ -180,7 +181,13 @@ def build_samples(
     allow_download: bool = False,
     eos_id: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Documents of `source` (the chosen part) -> (samples int32 [num, seq_len], description for manifests)."""
+    """Documents of `source` (the chosen part) -> (samples int32 [num, seq_len], description for manifests).
+
+    A `.npz` source holds samples already tokenised (`save_samples`, on a machine that has the corpus and
+    `datasets`): its first `num_samples` rows are used, and its recorded description is kept.
+    """
+    if str(source).endswith(".npz"):
+        return load_samples(source, seq_len=seq_len, num_samples=num_samples)
     ds = load_documents(source, split=split, text_field=text_field, allow_download=allow_download)
     idx = split_documents(len(ds), part, heldout_fraction, seed)
     texts = ds.select(idx)["text"]
@@ -195,3 +202,23 @@ def build_samples(
         "num_samples": int(samples.shape[0]),
     }
     return samples, info
+
+
+def save_samples(path: str, samples: np.ndarray, info: dict[str, Any]) -> None:
+    """Write tokenised samples and their description (what `build_samples` returned) to a `.npz` file."""
+    np.savez_compressed(path, samples=np.asarray(samples, np.int32), info=np.asarray(json.dumps(info)))
+
+
+def load_samples(path: str, *, seq_len: int, num_samples: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Samples saved by `save_samples`; their length must be `seq_len` and there must be `num_samples` of them."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no token file at {path}: write one with spotlight_jax.data.save_samples")
+    with np.load(path) as f:
+        samples, info = f["samples"], json.loads(str(f["info"]))
+    if samples.ndim != 2 or samples.shape[1] != seq_len or samples.shape[0] < num_samples:
+        raise ValueError(
+            f"{path} holds samples of shape {samples.shape}; this run needs {num_samples} x {seq_len}: "
+            "set --seq-len / --num-samples to match or rebuild the file"
+        )
+    info = {**info, "token_file": os.path.basename(path), "num_samples": num_samples}
+    return samples[:num_samples].astype(np.int32), info

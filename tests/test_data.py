@@ -77,3 +77,18 @@ def test_build_samples_from_file(tmp_path):
     train, info = build_samples(ByteTokenizer(), str(path), seq_len=32, num_samples=5, part="train")
     held, _ = build_samples(ByteTokenizer(), str(path), seq_len=32, num_samples=5, part="heldout")
     assert train.shape == (5, 32) and info["documents"] == 16 and held.shape[1] == 32
+
+
+def test_token_file_samples_round_trip_and_errors(tmp_path):
+    from spotlight_jax.data import build_samples, save_samples
+
+    path = str(tmp_path / "train.npz")
+    samples = np.arange(3 * 16, dtype=np.int32).reshape(3, 16)
+    save_samples(path, samples, {"source": "corpus.jsonl", "part": "train"})
+    got, info = build_samples(None, path, seq_len=16, num_samples=2)  # no tokenizer needed
+    np.testing.assert_array_equal(got, samples[:2])
+    assert info["source"] == "corpus.jsonl" and info["num_samples"] == 2 and info["token_file"] == "train.npz"
+    with pytest.raises(ValueError, match="3 x 32"):
+        build_samples(None, path, seq_len=32, num_samples=3)
+    with pytest.raises(FileNotFoundError, match="save_samples"):
+        build_samples(None, str(tmp_path / "missing.npz"), seq_len=16, num_samples=2)
