@@ -35,6 +35,11 @@ class LossConfig:
     max_queries: int = 1024  # sampled queries per batch row
     max_top: int = 1024  # top keys per query
     max_other: int = 1024  # other keys per query
+    # Share of the other keys drawn from the near misses (true-logit ranks just below the top set, up to
+    # `hard_span` x the top count) instead of uniformly: the pairs that decide a top-k boundary. 0 = the paper's
+    # uniform sampling.
+    hard_other_fraction: float = 0.0
+    hard_span: int = 5
     min_query_position: int = 0  # queries are drawn from positions >= this (0 = anywhere)
     query_chunk: int = 128  # queries per pairwise chunk (bounds the [chunk, P, O] pair tensor; rematerialised)
 
@@ -116,6 +121,22 @@ def sample_pair_keys(key: jax.Array, q_pos: jax.Array, top_idx, top_valid, in_to
         o_idx = jnp.minimum((u * (pos + 1)).astype(jnp.int32), pos)  # uniform over causally valid keys
         o_valid = ~jnp.take_along_axis(in_top, o_idx, axis=-1)
     return t_idx, t_valid, o_idx, o_valid
+
+
+def near_miss_keys(key: jax.Array, logits: jax.Array, top_valid: jax.Array, num: int, span: int):
+    """`num` keys per query drawn uniformly from the true-logit ranks [|T_i|, span * |T_i|) (the near misses).
+
+    logits: [..., Q, S] causally masked; top_valid: [..., Q, P] -> (idx int32 [..., Q, num], valid bool)
+    """
+    s, p = logits.shape[-1], top_valid.shape[-1]
+    m = min(s, span * p)
+    vals, ranked = jax.lax.top_k(logits, m)  # [..., Q, m]
+    counts = jnp.sum(top_valid, axis=-1, keepdims=True)  # |T_i|
+    hi = jnp.minimum(span * counts, m)
+    u = jax.random.uniform(key, logits.shape[:-1] + (num,))
+    slot = jnp.minimum(counts + (u * (hi - counts)).astype(jnp.int32), m - 1)
+    valid = (hi > counts) & jnp.isfinite(jnp.take_along_axis(vals, slot, axis=-1))  # causally valid ranks only
+    return jnp.take_along_axis(ranked, slot, axis=-1).astype(jnp.int32), valid
 
 
 def _chunked(fn, arrays, chunk: int):
@@ -209,6 +230,11 @@ def bradley_terry_loss(
     logits = causal_logits(q_sel, k, q_pos)  # [B, N, Q, S]
     top_idx, top_valid, in_top = oracle_top_sets(logits, q_pos[:, None, :], cfg.keep_ratio, cfg.min_top)
     t_idx, t_valid, o_idx, o_valid = sample_pair_keys(ks, q_pos, top_idx, top_valid, in_top, cfg)
+    n_hard = round(cfg.hard_other_fraction * o_idx.shape[-1])
+    if n_hard:  # replace the last n_hard uniform others by near misses
+        h_idx, h_valid = near_miss_keys(jax.random.fold_in(ks, 1), logits, top_valid, n_hard, cfg.hard_span)
+        o_idx = jnp.concatenate([o_idx[..., :-n_hard], h_idx], axis=-1)
+        o_valid = jnp.concatenate([o_valid[..., :-n_hard], h_valid], axis=-1)
 
     qs = hash_module.soft_query_codes(q_sel, cfg.gamma)  # [B, N, Q, C]
     kc = hash_module.soft_key_codes(k, cfg.gamma)  # [B, K, S, C]

@@ -77,6 +77,9 @@ class TrainConfig:
     max_queries: int = _f(128, "sampled queries per sample per step (paper: 1024)")
     max_top: int = _f(1024, "top keys per query")
     max_other: int = _f(256, "other keys per query (paper: 1024)")
+    hard_other_fraction: float = _f(
+        0.0, "share of the other keys drawn from the near misses (ranks |T|..5|T|) instead of uniformly (paper: 0)"
+    )
     min_query_position: int = _f(64, "queries are drawn from positions >= this")
     query_chunk: int = _f(512, "rows per chunk of the pairwise loss (memory bound)")
     # --- optimisation ---
@@ -112,7 +115,8 @@ class TrainConfig:
         return LossConfig(
             gamma=self.gamma, beta=self.beta, margin=self.margin, keep_ratio=self.keep_ratio,
             max_queries=self.max_queries, max_top=self.max_top, max_other=self.max_other,
-            min_query_position=self.min_query_position, query_chunk=self.query_chunk,
+            hard_other_fraction=self.hard_other_fraction, min_query_position=self.min_query_position,
+            query_chunk=self.query_chunk,
         )  # fmt: skip
 
     @property
@@ -126,7 +130,8 @@ class TrainConfig:
     # Fields whose change makes a checkpoint of this run meaningless (a resume with other values is refused).
     TRAINING_FIELDS = (
         "bits", "hidden", "num_mlp_layers", "residual", "init_scale", "separate_query_mlp", "dense_layers", "layers",
-        "gamma", "beta", "margin", "keep_ratio", "max_queries", "max_top", "max_other", "min_query_position",
+        "gamma", "beta", "margin", "keep_ratio", "max_queries", "max_top", "max_other", "hard_other_fraction",
+        "min_query_position",
         "steps_per_layer", "batch_size", "lr", "b1", "b2", "weight_decay", "warmup_ratio", "grad_clip", "seed",
     )  # fmt: skip
 

@@ -145,9 +145,13 @@ def test_oracle_top_sets():
 def test_sampled_loss_is_finite_and_bounded():
     q, k = _inputs(1)
     h = SpotlightHash(K, H, num_heads=N, bits=C, dims=(H, C, C), rngs=nnx.Rngs(0))
-    cfg = LossConfig(keep_ratio=0.1, max_queries=8, max_top=2, max_other=5, min_query_position=10)
-    loss, m = jax.jit(lambda q, k: bradley_terry_loss(h, q, k, jax.random.key(1), cfg))(jnp.asarray(q), jnp.asarray(k))
-    assert np.isfinite(float(loss)) and 0 <= float(m["ranking_error"]) <= 1
+    for hard in (0.0, 0.4):
+        cfg = LossConfig(
+            keep_ratio=0.1, max_queries=8, max_top=2, max_other=5, min_query_position=10, hard_other_fraction=hard
+        )
+        fn = jax.jit(lambda q, k, cfg=cfg: bradley_terry_loss(h, q, k, jax.random.key(1), cfg))
+        loss, m = fn(jnp.asarray(q), jnp.asarray(k))
+        assert np.isfinite(float(loss)) and 0 <= float(m["ranking_error"]) <= 1
     assert int(m["queries"]) <= B * N * 8
     pos = sample_query_positions(jax.random.key(0), 3, 20, 8, 5)
     assert pos.shape == (3, 8) and int(pos.min()) >= 5 and all(len(set(r.tolist())) == 8 for r in np.asarray(pos))
@@ -163,3 +167,27 @@ def test_group_attention_and_topk_mask():
     counts = sel.sum(-1)
     expect = np.minimum(np.maximum(3, np.ceil(0.1 * (np.arange(T) + 1) - 1e-4)), np.arange(T) + 1)
     np.testing.assert_array_equal(counts, np.broadcast_to(expect, counts.shape))
+
+
+def test_near_miss_keys_come_from_just_below_the_top_set():
+    from spotlight_jax.losses import causal_logits, near_miss_keys, oracle_top_sets
+
+    key = jax.random.PRNGKey(3)
+    q = jax.random.normal(key, (1, 2, 5, 8))
+    k = jax.random.normal(jax.random.fold_in(key, 1), (1, 2, 300, 8))
+    q_pos = jnp.array([[40, 99, 150, 220, 299]], jnp.int32)
+    logits = causal_logits(q, k, q_pos)  # [1, 2, 5, 300]
+    top_idx, top_valid, in_top = oracle_top_sets(logits, q_pos[:, None, :], 0.02)
+    idx, valid = near_miss_keys(jax.random.fold_in(key, 2), logits, top_valid, 64, 5)
+    lg, idx, valid, counts = map(np.asarray, (logits, idx, valid, jnp.sum(top_valid, -1)))
+    assert valid.any()
+    for h in range(2):
+        for i in range(5):
+            order = np.argsort(-lg[0, h, i], kind="stable")
+            rank = np.empty_like(order)
+            rank[order] = np.arange(order.size)
+            r = rank[idx[0, h, i][valid[0, h, i]]]
+            c = counts[0, h, i]
+            assert r.min() >= c and r.max() < 5 * c, (r.min(), r.max(), c)
+            assert not np.asarray(in_top)[0, h, i, idx[0, h, i][valid[0, h, i]]].any()
+            assert np.all(idx[0, h, i][valid[0, h, i]] <= q_pos[0, i])  # causal
