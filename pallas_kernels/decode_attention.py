@@ -37,9 +37,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, default_interpret, next_pow2, resolve_implementation, triton_params
+from pallas_kernels._common import (
+    cdiv,
+    cdiv_traced,
+    combine_partials,
+    default_interpret,
+    next_pow2,
+    online_softmax_step,
+    resolve_implementation,
+    softmax_init,
+    triton_params,
+)
 
-_NEG = -1e30  # finite "minus infinity": keeps exp() and max() NaN-free for empty pieces
 NUM_SMS = 132  # H100 SXM
 TARGET_PROGRAMS = 4 * NUM_SMS
 
@@ -76,7 +85,6 @@ def _decode_attention_kernel(
     lane = lax.broadcasted_iota(jnp.int32, (block_s,), 0)
 
     def body(step, carry):
-        o, m, l_sum = carry
         off = pl.multiple_of(start + step * block_s, block_s)
         rows = off + lane  # [BS]
         in_piece = jnp.broadcast_to((rows < hi)[:, None], (block_s, h))  # uniform along H: wide loads
@@ -85,52 +93,15 @@ def _decode_attention_kernel(
         ok = rows < hi
         if window is not None:
             ok &= rows >= lo
-        logits = lax.dot_general(
-            q,
-            kb,
-            (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32,
-            precision=lax.Precision.HIGHEST,
-        )  # [GP, BS]
         # The scale is applied to the fp32 logits (scaling q first would round it to q's dtype).
-        logits = jnp.where(ok[None, :], logits * scale, _NEG)
-        m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [GP]
-        p = jnp.where(ok[None, :], jnp.exp(logits - m_new[:, None]), 0.0)  # [GP, BS]
-        alpha = jnp.exp(m - m_new)
-        l_new = alpha * l_sum + jnp.sum(p, axis=1)
-        pv = lax.dot_general(
-            p.astype(vb.dtype),
-            vb,
-            (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-            precision=lax.Precision.HIGHEST,
-        )  # [GP, H]
-        return alpha[:, None] * o + pv, m_new, l_new
+        return online_softmax_step(q, kb, vb, ok, carry, scale)
 
-    init = (
-        jnp.zeros((gp, h), jnp.float32),
-        jnp.full((gp,), _NEG, jnp.float32),
-        jnp.zeros((gp,), jnp.float32),
-    )
-    o, m, l_sum = lax.fori_loop(0, steps, body, init)
+    o, m, l_sum = lax.fori_loop(0, steps, body, softmax_init(gp, h))
     # Only the G real heads are written (masked stores): the combine reads just those rows.
     real = g_rows < group
     plgpu.store(o_ref, o, mask=jnp.broadcast_to(real[:, None], (gp, h)))
     plgpu.store(m_ref, m, mask=real)
     plgpu.store(l_ref, l_sum, mask=real)
-
-
-def cdiv_traced(a, b):
-    return (a + b - 1) // b
-
-
-def _combine(o, m, l_sum):
-    """Merges the pieces' partials: o [BK, C, G, H], m/l [BK, C, G] -> [BK, G, H] fp32 (zeros if empty)."""
-    m_all = jnp.max(m, axis=1, keepdims=True)  # [BK, 1, G]
-    w = jnp.exp(m - m_all)  # [BK, C, G]
-    num = jnp.sum(w[..., None] * o, axis=1)  # [BK, G, H]
-    den = jnp.sum(w * l_sum, axis=1)  # [BK, G]
-    return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
 
 
 def default_block_s(head_dim: int, itemsize: int) -> int:
@@ -212,7 +183,7 @@ def decode_attention_pallas(
         name="decode_attention",
     )(lengths.astype(jnp.int32), q.reshape(bk, g, h), k_cache.reshape(bk, s, h), v_cache.reshape(bk, s, h))
     # The padded rows were never written: slice them off before the combine (XLA fuses the slice).
-    return _combine(o[:, :, :g], m[:, :, :g], l_sum[:, :, :g]).reshape(b, n, h)
+    return combine_partials(o[:, :, :g], m[:, :, :g], l_sum[:, :, :g]).reshape(b, n, h)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "window"))

@@ -24,9 +24,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, next_pow2, prev_pow2, resolve_implementation, triton_params
-
-_NEG = -1e30  # finite "minus infinity": keeps exp() and max() NaN-free for empty chunks
+from pallas_kernels._common import (
+    cdiv,
+    cdiv_traced,
+    combine_partials,
+    next_pow2,
+    online_softmax_step,
+    prev_pow2,
+    resolve_implementation,
+    softmax_init,
+    triton_params,
+)
 
 
 def _sparse_attention_kernel(
@@ -54,7 +62,6 @@ def _sparse_attention_kernel(
     n_valid = mask_ref[0] if count_mask else None
 
     def body(step, carry):
-        o, m, l_sum = carry
         slots = chunk_start + step * block_t + lax.broadcasted_iota(jnp.int32, (block_t,), 0)
         in_row = slots < num_slots
         safe = jnp.where(in_row, slots, 0)
@@ -64,56 +71,21 @@ def _sparse_attention_kernel(
         else:
             ok = in_row & (plgpu.load(mask_ref.at[safe], mask=in_row, other=0) != 0)
         idx = jnp.where(ok, idx, 0)
-        kb = k_ref[idx, :]  # [BT, H] gathered rows
-        vb = v_ref[idx, :]  # [BT, H]
-        logits = lax.dot_general(
-            q,
-            kb,
-            (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32,
-            precision=lax.Precision.HIGHEST,
-        )  # [GP, BT]
-        logits = jnp.where(ok[None, :], logits, _NEG)
-        m_new = jnp.maximum(m, jnp.max(logits, axis=1))  # [GP]
-        p = jnp.where(ok[None, :], jnp.exp(logits - m_new[:, None]), 0.0)  # [GP, BT]
-        alpha = jnp.exp(m - m_new)
-        l_new = alpha * l_sum + jnp.sum(p, axis=1)
-        pv = lax.dot_general(
-            p.astype(vb.dtype),
-            vb,
-            (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-            precision=lax.Precision.HIGHEST,
-        )  # [GP, H]
-        return alpha[:, None] * o + pv, m_new, l_new
+        return online_softmax_step(q, k_ref[idx, :], v_ref[idx, :], ok, carry)  # gathered rows [BT, H]
 
-    init = (
-        jnp.zeros((gp, h), jnp.float32),
-        jnp.full((gp,), _NEG, jnp.float32),
-        jnp.zeros((gp,), jnp.float32),
-    )
     steps = chunk // block_t
     if count_mask:
         # Skip the steps of this chunk that lie entirely past the valid slots.
         steps = jnp.clip(cdiv_traced(n_valid - chunk_start, block_t), 0, steps)
-    o, m, l_sum = lax.fori_loop(0, steps, body, init)
+    o, m, l_sum = lax.fori_loop(0, steps, body, softmax_init(gp, h))
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l_sum
 
 
-def cdiv_traced(a, b: int):
-    return (a + b - 1) // b
-
-
 def _combine(o, m, l_sum, dtype, group):
     """Merges the chunks' partials: o [BK, C, GP, H], m/l [BK, C, GP] -> [BK, G, H]."""
-    m_all = jnp.max(m, axis=1, keepdims=True)  # [BK, 1, GP]
-    w = jnp.exp(m - m_all)  # [BK, C, GP]
-    num = jnp.sum(w[..., None] * o, axis=1)  # [BK, GP, H]
-    den = jnp.sum(w * l_sum, axis=1)  # [BK, GP]
-    out = jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
-    return out[:, :group].astype(dtype)
+    return combine_partials(o, m, l_sum)[:, :group].astype(dtype)
 
 
 def default_chunk(num_slots: int, num_rows: int, block_t: int, target_programs: int = 528) -> int:
