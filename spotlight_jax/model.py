@@ -10,7 +10,6 @@ Legend: B batch, T query len, S cache len, N q-heads, K kv-heads, G group, H hea
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -185,12 +184,8 @@ def _write_rows(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
 
     One scatter for all rows (unique, in-bounds indices): XLA updates the loop-carried cache in place. (One
     `dynamic_update_slice` per row did the same at run time, but B x layers x 3 of them made the decode step's compile
-    time grow with the batch: 86 s for the 28-layer Qwen shape at B = 20, against 8 s at B = 1.)
+    time grow with the batch: 86 s for the 28-layer Qwen-shape spotlight step at B = 20 vs 8 s at B = 1, H100.)
     """
-    if os.environ.get("SPOTLIGHT_CACHE_WRITE") == "rows":  # the former per-row updates, for comparison runs
-        for b in range(cache.shape[0]):
-            cache = jax.lax.dynamic_update_slice(cache, new[b : b + 1], (b, 0, pos[b], 0))
-        return cache
     rows = jnp.arange(cache.shape[0])
     return cache.at[rows, :, pos].set(new[:, :, 0], unique_indices=True, mode="promise_in_bounds")
 
