@@ -43,6 +43,45 @@ def roofline_us(nbytes: float) -> float:
     return nbytes / peak_bytes_per_s() * 1e6
 
 
+def profile_kernels(run: Callable[[], object], label: str, per: int = 1, top: int = 8) -> tuple[float, dict] | None:
+    """Device time per kernel name from a profiler trace of one `run()`, divided by `per` (calls or steps in it).
+
+    Prints the total and the `top` kernels; returns (device us per unit, {kernel: us per unit}) or None without a
+    trace. The sum has no launch gaps: the wall time minus it is what the GPU spent idle between kernels.
+    """
+    import glob
+    import gzip
+    import tempfile
+    from collections import defaultdict
+
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        jax.block_until_ready(run())
+    files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        print("    (no trace)")
+        return None
+    with gzip.open(files[0]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pnames = {
+        e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    tot, cnt = defaultdict(float), defaultdict(int)
+    for e in events:
+        if e.get("ph") == "X" and "gpu" in pnames.get(e.get("pid"), "").lower() and "dur" in e:
+            tot[e["name"]] += e["dur"]
+            cnt[e["name"]] += 1
+    if not tot:
+        print("    no GPU kernels in the trace; processes:", sorted(set(pnames.values()))[:10])
+        return None
+    total = sum(tot.values()) / per
+    print(f"    [profile {label}] device us/unit: {total:.1f} ({sum(cnt.values()) / per:.0f} kernels)")
+    for name, t in sorted(tot.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"      {t / per:8.2f} us  x{cnt[name] / per:.1f}  {name[:90]}")
+    return total, {name: round(t / per, 2) for name, t in tot.items()}
+
+
 def time_jitted(fn: Callable, *args, repeats: int = 7, warmup: int = 1) -> list[float]:
     """Wall seconds of `fn(*args)` (already jitted, blocking on the result) over `repeats` runs after warm-up.
 

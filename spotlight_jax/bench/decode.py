@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spotlight_jax.bench.common import median, roofline_us, time_jitted, write_results
+from spotlight_jax.bench.common import median, profile_kernels, roofline_us, time_jitted, write_results
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 from spotlight_jax.model import CausalLM, KVCache, init_cache
 
@@ -91,8 +91,14 @@ def decode_loop(graphdef, state, hash_graphdef, hash_state, cache, tok, lengths,
     return jax.lax.fori_loop(0, steps, body, (cache, tok, lengths))
 
 
-def time_decode_steps(model, cfg, batch, context, steps, repeats, retrieval_cfg=None, hashes=None) -> dict:
-    """Median seconds per decode step at `context` live tokens (cache sized context + steps)."""
+def time_decode_steps(
+    model, cfg, batch, context, steps, repeats, retrieval_cfg=None, hashes=None, profile: bool = False
+) -> dict:
+    """Median seconds per decode step at `context` live tokens (cache sized context + steps).
+
+    With `profile`, one more run goes under the profiler: per-kernel device time per step (printed, and returned as
+    "profile": (device us per step, {kernel: us per step})).
+    """
     rcfg = retrieval_cfg or RetrievalConfig()
     graphdef, state = nnx.split(model)
     hash_graphdef, hash_state = nnx.split(hashes) if hashes is not None else (None, None)
@@ -118,8 +124,14 @@ def time_decode_steps(model, cfg, batch, context, steps, repeats, retrieval_cfg=
     jax.block_until_ready(run_once())  # compile + warm-up
     print(f"  batch {batch} context {context} {rcfg.method}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     times = time_jitted(run_once, repeats=repeats, warmup=0)
+    prof = None
+    if profile:
+        try:
+            prof = profile_kernels(run_once, f"{rcfg.method} B{batch} {context}", per=steps, top=16)
+        except Exception as e:  # noqa: BLE001 - profiling is best effort
+            print(f"    profile failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     holder.clear()  # free the cache before the next configuration allocates its own
-    return {"step_s": median(times) / steps, "cache_bytes": cache_bytes, "temp_bytes": temp}
+    return {"step_s": median(times) / steps, "cache_bytes": cache_bytes, "temp_bytes": temp, "profile": prof}
 
 
 def run(args):

@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-fraction", type=float, default=0.85, help="share of the memory limit weights + caches use")
     p.add_argument("--name", default="generate_speed")
+    p.add_argument("--profile", action="store_true", help="also print per-kernel device time per step (profiler)")
 
 
 def kv_bytes_per_token(cfg: ModelConfig, layers: int | None = None) -> int:
@@ -73,7 +74,7 @@ def run(args):
                 try:
                     res = time_decode_steps(
                         model, cfg, batch, ctx, args.steps, args.repeats, rcfg,
-                        hashes if method in ("spotlight", "linear") else None,
+                        hashes if method in ("spotlight", "linear") else None, profile=args.profile,
                     )  # fmt: skip
                 except Exception as e:  # noqa: BLE001 - an OOM at one size must not lose the other rows
                     print(f"{method} batch {batch} context {ctx}: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -90,6 +91,8 @@ def run(args):
                     "code_cache_GB": round(res["cache_bytes"]["codes"] / 1e9, 3),
                     "xla_temp_GB": round(res["temp_bytes"] / 1e9, 2),
                 })  # fmt: skip
+                if res.get("profile"):  # kernel time without the gaps between kernels
+                    rows[-1]["device_ms"] = round(res["profile"][0] / 1e3, 3)
                 print(rows[-1], flush=True)
             dense = {r["batch"]: r for r in rows if r["method"] == "dense" and r["context"] == ctx}
             for r in rows:

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spotlight_jax.bench.common import profile_kernels
+
 MODELS = {  # name: (query heads N, KV heads K, head_dim H)
     "qwen2.5-7b": (28, 4, 128),
     "llama-3-8b": (32, 8, 128),
@@ -57,41 +59,6 @@ PROFILE = False
 LAST_PROFILE = None  # (device us per call, {kernel: us per call}) of the last profiled timing
 
 
-def _profile_kernels(many, arg_sets, label: str) -> None:
-    """Device time per kernel name (per call) from a profiler trace of one run of ``many``."""
-    import glob
-    import gzip
-    import tempfile
-    from collections import defaultdict
-
-    d = tempfile.mkdtemp()
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        jax.block_until_ready(many(arg_sets))
-    files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
-    if not files:
-        print("    (no trace)")
-        return
-    with gzip.open(files[0]) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    pnames = {
-        e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-    }
-    tot, cnt = defaultdict(float), defaultdict(int)
-    for e in events:
-        if e.get("ph") == "X" and "gpu" in pnames.get(e.get("pid"), "").lower() and "dur" in e:
-            tot[e["name"]] += e["dur"]
-            cnt[e["name"]] += 1
-    n = len(arg_sets)
-    if not tot:
-        print("    processes:", sorted(set(pnames.values()))[:10])
-    total = sum(tot.values()) / n
-    print(f"    [profile {label}] device us/call: {total:.1f}")
-    for name, t in sorted(tot.items(), key=lambda kv: -kv[1])[:8]:
-        print(f"      {t / n:8.2f} us  x{cnt[name] / n:.0f}  {name[:90]}")
-    return total, {name: round(t / n, 2) for name, t in tot.items()}
-
-
 def _median_call_us(fn, arg_sets, reps: int, label: str = "", min_calls: int = 64) -> float:
     """Wall time per call of ``fn``: the slope of (median wall time of one jit) over the number of calls in it.
 
@@ -113,7 +80,7 @@ def _median_call_us(fn, arg_sets, reps: int, label: str = "", min_calls: int = 6
     LAST_PROFILE = None
     if PROFILE and label:
         try:
-            LAST_PROFILE = _profile_kernels(many, calls[:n], label)
+            LAST_PROFILE = profile_kernels(lambda: many(calls[:n]), label, per=n)
         except Exception as e:  # noqa: BLE001 - profiling is best effort
             print(f"    profile failed: {type(e).__name__}: {str(e)[:200]}")
 
