@@ -1,8 +1,11 @@
 """The decode-path evaluations compute what generate() computes (tiny random model, CPU)."""
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from spotlight_jax.config import ModelConfig, RetrievalConfig
@@ -80,3 +83,22 @@ def test_token_files_carry_their_corpus(tmp_path):
     again = argparse.Namespace(tokens=path, save_tokens=None, data=None)
     arrays = decoding.tokens_or_build(again, lambda: 1 / 0)
     assert list(arrays) == ["prompts"] and decoding.data_label(again) == "pydocs.jsonl.gz"
+
+
+def test_method_modifiers_set_always_kept_rows():
+    args = argparse.Namespace(keep_ratio=0.02, min_keep=20, dense_layers=[0, 1], implementation=None, seed=0)
+    cfg = CFG
+    label, rcfg, stack = decoding.method_setup("oracle+sink4+recent16", cfg, args)
+    assert (label, rcfg.method, rcfg.sink_tokens, rcfg.recent_window, stack) == (
+        "oracle+sink4+recent16",
+        "oracle",
+        4,
+        16,
+        None,
+    )
+    label, rcfg, _ = decoding.method_setup("linear-256+sink2", cfg, args)
+    assert (label, rcfg.bits, rcfg.sink_tokens, rcfg.recent_window) == ("linear-256+sink2", 256, 2, 0)
+    with pytest.raises(SystemExit, match="unknown method modifier"):
+        decoding.method_setup("oracle+sinks", cfg, args)
+    with pytest.raises(SystemExit, match="sparse methods only"):
+        decoding.method_setup("dense+sink4", cfg, args)

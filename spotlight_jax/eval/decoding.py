@@ -51,13 +51,33 @@ def add_common_arguments(p: argparse.ArgumentParser, *, methods=DEFAULT_METHODS)
 
 
 def method_setup(name: str, cfg: ModelConfig, args) -> tuple[str, RetrievalConfig, Any]:
-    """'linear-256' -> (label, RetrievalConfig, HashStack | None)."""
-    from spotlight_jax.hashing import HashConfig, HashStack, load_hashes
+    """'linear-256' -> (label, RetrievalConfig, HashStack | None).
 
+    Modifiers after '+' add always-kept rows to a sparse method: 'spotlight+sink4' keeps the first 4 tokens,
+    'oracle+recent16' the last 16, 'spotlight+sink4+recent16' both (RetrievalConfig.sink_tokens / recent_window).
+    """
+    name, *mods = name.split("+")
     base = dict(
         keep_ratio=args.keep_ratio, min_keep=args.min_keep, dense_layers=tuple(args.dense_layers),
         implementation=args.implementation,
     )  # fmt: skip
+    for mod in mods:
+        for field, prefix in (("sink_tokens", "sink"), ("recent_window", "recent")):
+            if mod.startswith(prefix) and mod[len(prefix) :].isdigit():
+                base[field] = int(mod[len(prefix) :])
+                break
+        else:
+            raise SystemExit(f"unknown method modifier {mod!r}: use +sink<N> or +recent<N> (e.g. spotlight+sink4)")
+    if mods and name == "dense":
+        raise SystemExit("dense reads every row: modifiers +sink<N> / +recent<N> apply to sparse methods only")
+    suffix = "".join("+" + m for m in mods)
+    label, rcfg, stack = _method_base(name, cfg, args, base)
+    return label + suffix, rcfg, stack
+
+
+def _method_base(name: str, cfg: ModelConfig, args, base: dict) -> tuple[str, RetrievalConfig, Any]:
+    from spotlight_jax.hashing import HashConfig, HashStack, load_hashes
+
     kind, _, bits = name.partition("-")
     if kind in ("dense", "oracle", "quest"):
         return name, RetrievalConfig(method=kind, **base), None
