@@ -41,7 +41,15 @@ class LossConfig:
     hard_other_fraction: float = 0.0
     hard_span: int = 5
     min_query_position: int = 0  # queries are drawn from positions >= this (0 = anywhere)
+    # What is ranked. "head" (the paper): per query head, T_i = top keys by that head's logit, draft = that head's
+    # code similarity. "group" (what decoding selects): per KV head, T_i = top keys by the group-summed softmax
+    # (the recall oracle), draft = the group-summed code similarity (the decoder's score).
+    targets: str = "head"
     query_chunk: int = 128  # queries per pairwise chunk (bounds the [chunk, P, O] pair tensor; rematerialised)
+
+    def __post_init__(self):
+        if self.targets not in ("head", "group"):
+            raise ValueError(f"targets must be 'head' or 'group', got {self.targets!r}")
 
 
 def oracle_top_counts(q_pos: jax.Array, keep_ratio: float, min_top: int = 1) -> jax.Array:
@@ -227,7 +235,11 @@ def bradley_terry_loss(
         q_pos = sample_query_positions(kq, b, t, cfg.max_queries, cfg.min_query_position)  # [B, Q]
     q_sel = jnp.take_along_axis(q, q_pos[:, None, :, None], axis=2)  # [B, N, Q, H]
 
+    kk = k.shape[1]
     logits = causal_logits(q_sel, k, q_pos)  # [B, N, Q, S]
+    if cfg.targets == "group":  # rank by the group-summed softmax, as the oracle the decoder is measured against
+        probs = jax.nn.softmax(logits / math.sqrt(q.shape[3]), axis=-1).reshape(b, kk, n // kk, *logits.shape[2:])
+        logits = jnp.where(jnp.isfinite(logits[:, :: n // kk]), jnp.sum(probs, axis=2), -jnp.inf)  # [B, K, Q, S]
     top_idx, top_valid, in_top = oracle_top_sets(logits, q_pos[:, None, :], cfg.keep_ratio, cfg.min_top)
     t_idx, t_valid, o_idx, o_valid = sample_pair_keys(ks, q_pos, top_idx, top_valid, in_top, cfg)
     n_hard = round(cfg.hard_other_fraction * o_idx.shape[-1])
@@ -238,10 +250,13 @@ def bradley_terry_loss(
 
     qs = hash_module.soft_query_codes(q_sel, cfg.gamma)  # [B, N, Q, C]
     kc = hash_module.soft_key_codes(k, cfg.gamma)  # [B, K, S, C]
-    kk = k.shape[1]
-    draft = jnp.einsum("bkgqc,bksc->bkgqs", qs.reshape(b, kk, n // kk, *qs.shape[2:]), kc).reshape(logits.shape)
-    s_top = jnp.take_along_axis(draft, t_idx, axis=-1)  # [B, N, Q, P]
-    s_other = jnp.take_along_axis(draft, o_idx, axis=-1)  # [B, N, Q, O]
+    qs = qs.reshape(b, kk, n // kk, *qs.shape[2:])  # [B, K, G, Q, C]
+    if cfg.targets == "group":
+        draft = jnp.einsum("bkgqc,bksc->bkqs", qs, kc)  # [B, K, Q, S]: the decoder's group-summed score
+    else:
+        draft = jnp.einsum("bkgqc,bksc->bkgqs", qs, kc).reshape(logits.shape)  # [B, N, Q, S]
+    s_top = jnp.take_along_axis(draft, t_idx, axis=-1)  # [B, N or K, Q, P]
+    s_other = jnp.take_along_axis(draft, o_idx, axis=-1)  # [B, N or K, Q, O]
 
     flat = lambda x: x.reshape(-1, x.shape[-1])
     loss_sum, wrong, pairs = pairwise_bt(

@@ -81,6 +81,11 @@ class TrainConfig:
         0.0, "share of the other keys drawn from the near misses (ranks |T|..5|T|) instead of uniformly (paper: 0)"
     )
     min_query_position: int = _f(64, "queries are drawn from positions >= this")
+    targets: str = _f(
+        "head",
+        "what is ranked: 'head' (paper: per query head by its logit) or 'group' (per KV head by the "
+        "group-summed softmax, against the group-summed code similarity: what decoding selects)",
+    )
     query_chunk: int = _f(512, "rows per chunk of the pairwise loss (memory bound)")
     # --- optimisation ---
     steps_per_layer: int = _f(120, "optimizer steps per layer")
@@ -104,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"bits must be 32, 64, 128 or 256, got {self.bits}")
         if self.steps_per_layer < 1 or self.batch_size < 1 or self.num_samples < 1:
             raise ValueError("steps_per_layer, batch_size and num_samples must be >= 1")
+        if self.targets not in ("head", "group"):
+            raise ValueError(f"targets must be 'head' or 'group', got {self.targets!r}")
 
     def hash_config(self) -> HashConfig:
         return HashConfig(
@@ -116,7 +123,7 @@ class TrainConfig:
             gamma=self.gamma, beta=self.beta, margin=self.margin, keep_ratio=self.keep_ratio,
             max_queries=self.max_queries, max_top=self.max_top, max_other=self.max_other,
             hard_other_fraction=self.hard_other_fraction, min_query_position=self.min_query_position,
-            query_chunk=self.query_chunk,
+            query_chunk=self.query_chunk, targets=self.targets,
         )  # fmt: skip
 
     @property
@@ -131,7 +138,7 @@ class TrainConfig:
     TRAINING_FIELDS = (
         "bits", "hidden", "num_mlp_layers", "residual", "init_scale", "separate_query_mlp", "dense_layers", "layers",
         "gamma", "beta", "margin", "keep_ratio", "max_queries", "max_top", "max_other", "hard_other_fraction",
-        "min_query_position",
+        "min_query_position", "targets",
         "steps_per_layer", "batch_size", "lr", "b1", "b2", "weight_decay", "warmup_ratio", "grad_clip", "seed",
     )  # fmt: skip
 
@@ -261,7 +268,9 @@ def _check_run_config(out_dir: str, cfg: TrainConfig) -> None:
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f).get("training", {})
-        diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        # A field added after the run was made counts as its default (hard_other_fraction, targets).
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        diff = {k: (before.get(k, defaults[k]), v) for k, v in now.items() if before.get(k, defaults[k]) != v}
         if diff:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(

@@ -41,23 +41,35 @@ def _np_mlp(x, ws, bs, residual=True):
     return y
 
 
-def _np_loss(q, k, ws, bs, keep_ratio, gamma, beta, margin=0.0):
-    """Direct NumPy Bradley–Terry loss over every query, every exact (top, other) pair; also the ranking error."""
+def _np_softmax(x):
+    e = np.exp(x - np.max(x))
+    return e / np.sum(e)
+
+
+def _np_loss(q, k, ws, bs, keep_ratio, gamma, beta, margin=0.0, targets="head"):
+    """Direct NumPy Bradley–Terry loss over every query, every exact (top, other) pair; also the ranking error.
+
+    targets="head": one ranking per query head (its logits, its code similarity); "group": one per KV head (the
+    group-summed softmax, the group-summed code similarity)."""
     softsign = lambda x: x / (1 + np.abs(x))
     per_query, wrong, pairs = [], 0.0, 0
     for b in range(B):
-        for n in range(N):
-            kh = n // G
-            qs = softsign(gamma * _np_mlp(q[b, n], [w[kh] for w in ws], [x[kh] for x in bs]))  # [T, C]
-            ks = softsign(gamma * _np_mlp(k[b, kh], [w[kh] for w in ws], [x[kh] for x in bs]))  # [T, C]
+        for row in range(N if targets == "head" else K):
+            kh = row // G if targets == "head" else row
+            heads = [row] if targets == "head" else list(range(kh * G, (kh + 1) * G))
+            mlp = lambda x: softsign(gamma * _np_mlp(x, [w[kh] for w in ws], [x_[kh] for x_ in bs]))  # noqa: B023
+            qs = [mlp(q[b, n]) for n in heads]  # [T, C] each
+            ks = mlp(k[b, kh])  # [T, C]
             for i in range(T):
-                logits = k[b, kh, : i + 1].astype(np.float64) @ q[b, n, i].astype(np.float64)
+                kk = k[b, kh, : i + 1].astype(np.float64)
+                logits = [kk @ q[b, n, i].astype(np.float64) for n in heads]
+                rank = logits[0] if targets == "head" else sum(_np_softmax(x / math.sqrt(H)) for x in logits)
                 n_top = min(i + 1, max(1, math.ceil(round(keep_ratio * (i + 1), 9))))
-                order = np.argsort(-logits, kind="stable")
+                order = np.argsort(-rank, kind="stable")
                 top, other = order[:n_top], order[n_top:]
                 if len(other) == 0:
                     continue
-                s = ks[: i + 1] @ qs[i]
+                s = sum(ks[: i + 1] @ x[i] for x in qs)
                 d = beta * (s[top][:, None] - s[other][None, :]) - margin
                 per_query.append(np.mean(np.logaddexp(0.0, -d)))
                 diff = s[top][:, None] - s[other][None, :]
@@ -142,17 +154,34 @@ def test_oracle_top_sets():
     np.testing.assert_array_equal(oracle_top_counts(jnp.array([0, 49, 50, 99]), 0.02), [1, 1, 2, 2])
 
 
+def test_group_targets_loss_matches_numpy(setup):
+    """targets="group" ranks per KV head by the group-summed softmax against the group-summed code similarity."""
+    q, k, h, cfg = setup
+    cfg = LossConfig(**{**cfg.__dict__, "targets": "group"})
+    q_pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    loss, metrics = bradley_terry_loss(h, jnp.asarray(q), jnp.asarray(k), jax.random.key(0), cfg, q_pos=q_pos)
+    ref_loss, ref_err = _np_loss(q, k, *_np_params(h), cfg.keep_ratio, cfg.gamma, cfg.beta, targets="group")
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["ranking_error"]), ref_err, rtol=1e-5, atol=1e-6)
+    head_loss, _ = bradley_terry_loss(h, jnp.asarray(q), jnp.asarray(k), jax.random.key(0), cfg.__class__(
+        **{**cfg.__dict__, "targets": "head"}), q_pos=q_pos)  # fmt: skip
+    assert abs(float(head_loss) - float(loss)) > 1e-4  # a different objective (G = 2 here)
+    with pytest.raises(ValueError, match="targets"):
+        LossConfig(targets="token")
+
+
 def test_sampled_loss_is_finite_and_bounded():
     q, k = _inputs(1)
     h = SpotlightHash(K, H, num_heads=N, bits=C, dims=(H, C, C), rngs=nnx.Rngs(0))
-    for hard in (0.0, 0.4):
+    for hard, targets in ((0.0, "head"), (0.4, "head"), (0.4, "group")):
         cfg = LossConfig(
-            keep_ratio=0.1, max_queries=8, max_top=2, max_other=5, min_query_position=10, hard_other_fraction=hard
-        )
+            keep_ratio=0.1, max_queries=8, max_top=2, max_other=5, min_query_position=10, hard_other_fraction=hard,
+            targets=targets,
+        )  # fmt: skip
         fn = jax.jit(lambda q, k, cfg=cfg: bradley_terry_loss(h, q, k, jax.random.key(1), cfg))
         loss, m = fn(jnp.asarray(q), jnp.asarray(k))
         assert np.isfinite(float(loss)) and 0 <= float(m["ranking_error"]) <= 1
-    assert int(m["queries"]) <= B * N * 8
+    assert int(m["queries"]) <= B * K * 8  # group targets: one ranking per KV head
     pos = sample_query_positions(jax.random.key(0), 3, 20, 8, 5)
     assert pos.shape == (3, 8) and int(pos.min()) >= 5 and all(len(set(r.tolist())) == 8 for r in np.asarray(pos))
 
