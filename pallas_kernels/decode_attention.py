@@ -12,18 +12,27 @@ loads in flight.
 Grid (BK, C). Program (r, c) loads the G query heads of row r once, takes the c-th of C equal,
 BS-aligned pieces of the row's live range [lo, length) (lo = length - window with a sliding
 window, else 0), streams it in steps of BS contiguous rows (fp32 online softmax, one [GP, H] x
-[H, BS] and one [GP, BS] x [BS, H] dot per step) and writes an unnormalised partial o / m / l of
-its G heads; an XLA combine merges the C partials. The pieces are sized from the row's *traced*
-length, so a short row (early in generation, or a ragged batch) is still spread over all C
-programs, and programs whose piece is empty load nothing. C is static: about 4 programs per H100
+[H, BS] and one [GP, BS] x [BS, H] dot per step) and ends with an unnormalised partial o / m / l of
+its G heads. The pieces are sized from the row's *traced* length, so a short row (early in
+generation, or a ragged batch) is still spread over all C programs, and programs whose piece is
+empty load nothing. C is static: about 4 programs per H100
 SM at batch 1 (132 SMs), fewer at larger batch, never pieces under a few steps at full length.
+
+Merge of the C partials (``combine``; the memory-ordering argument is in ``_common``'s docstring):
+``"atomic"`` (default): each program stores the G real rows of its partial, then bumps a per-row
+counter (CTA barrier, then one acq_rel GPU-scope atomic); the program that sees the count reach
+C - 1 reads the row's C partials back and writes the normalised [G, H] output, all in one launch
+(in two levels, groups of T pieces first, when C is large).
+``"kernel"``: a second small Pallas launch merges; ``"xla"``: an XLA combine. With C == 1 the
+program writes the output directly.
 
 Masking: rows s >= lengths[b], and with ``window`` rows s <= lengths[b] - 1 - window, get no
 weight; a row with no live key (lengths[b] == 0) returns zeros. fp32 accumulation; fp32 inputs
 use IEEE (not tf32) dots. Output fp32, as ``retrieval.dense_decode_attention`` returns.
 
 Bytes: 2 * B * K * length * H * itemsize of K/V (the live rows only) + q + C partials of
-(G * H + 2 * G) * 4 bytes per row, written once and read once by the combine.
+(G * H + 2 * G) * 4 bytes per row, written once and read once by the merge (none with C == 1;
+with the two-level atomic merge also C / T group partials of the same size) + the fp32 output.
 """
 
 from __future__ import annotations
@@ -40,27 +49,23 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._common import (
     cdiv,
     cdiv_traced,
-    combine_partials,
     default_interpret,
     next_pow2,
     online_softmax_step,
     resolve_implementation,
     softmax_init,
-    triton_params,
+    split_k_attention,
 )
 
 NUM_SMS = 132  # H100 SXM
 TARGET_PROGRAMS = 4 * NUM_SMS
 
 
-def _decode_attention_kernel(
+def _decode_attention_body(
     len_ref,  # [1] int32: live length of this batch row
     q_ref,  # [G, H] query heads of this (batch, KV head)
     k_ref,  # [S, H] cache rows of this (batch, KV head)
     v_ref,  # [S, H]
-    o_ref,  # [GP, H] f32 out: unnormalised partial output of this piece (rows >= G not written)
-    m_ref,  # [GP] f32 out: running max of the logits of this piece
-    l_ref,  # [GP] f32 out: softmax denominator of this piece
     *,
     group: int,
     seq_len: int,
@@ -69,7 +74,9 @@ def _decode_attention_kernel(
     scale: float,
     window: int | None,
 ):
-    gp, h = o_ref.shape
+    """Program (row, piece): online softmax over the piece's rows -> unnormalised (o [GP, H], m [GP], l [GP])."""
+    h = q_ref.shape[-1]
+    gp = max(16, next_pow2(group))
     g_rows = lax.broadcasted_iota(jnp.int32, (gp,), 0)
     g_safe = jnp.minimum(g_rows, group - 1)
     q = q_ref[g_safe, :]  # [GP, H] (padded rows repeat the last head; never stored)
@@ -96,12 +103,7 @@ def _decode_attention_kernel(
         # The scale is applied to the fp32 logits (scaling q first would round it to q's dtype).
         return online_softmax_step(q, kb, vb, ok, carry, scale)
 
-    o, m, l_sum = lax.fori_loop(0, steps, body, softmax_init(gp, h))
-    # Only the G real heads are written (masked stores): the combine reads just those rows.
-    real = g_rows < group
-    plgpu.store(o_ref, o, mask=jnp.broadcast_to(real[:, None], (gp, h)))
-    plgpu.store(m_ref, m, mask=real)
-    plgpu.store(l_ref, l_sum, mask=real)
+    return lax.fori_loop(0, steps, body, softmax_init(gp, h))
 
 
 def default_block_s(head_dim: int, itemsize: int) -> int:
@@ -117,7 +119,8 @@ def default_num_splits(seq_len: int, num_rows: int, block_s: int, target_program
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "window", "block_s", "num_splits", "num_warps", "num_stages", "interpret")
+    jax.jit,
+    static_argnames=("scale", "window", "block_s", "num_splits", "combine", "num_warps", "num_stages", "interpret"),
 )
 def decode_attention_pallas(
     q,  # [B, N, H]
@@ -129,11 +132,15 @@ def decode_attention_pallas(
     window: int | None = None,
     block_s: int | None = None,
     num_splits: int | None = None,
+    combine: str = "atomic",
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
 ):
-    """Pallas flash-decoding over the live rows of each batch row; returns [B, N, H] fp32."""
+    """Pallas flash-decoding over the live rows of each batch row; returns [B, N, H] fp32.
+
+    ``combine``: "atomic" | "kernel" | "xla", how the C partials are merged (module docstring).
+    """
     b, n, h = q.shape
     kv, s = k_cache.shape[1], k_cache.shape[2]
     if n % kv:
@@ -142,7 +149,6 @@ def decode_attention_pallas(
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     q = q.astype(k_cache.dtype)  # the dots run in the cache's dtype (q is tiny; the cache is not copied)
     g, bk = n // kv, b * kv
-    gp = max(16, next_pow2(g))
     if block_s is None:
         block_s = default_block_s(h, k_cache.dtype.itemsize)
     block_s = max(16, next_pow2(block_s))
@@ -150,8 +156,8 @@ def decode_attention_pallas(
         num_splits = default_num_splits(s, bk, block_s)
     num_splits = max(1, min(num_splits, cdiv(s, block_s)))
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-    kernel = functools.partial(
-        _decode_attention_kernel,
+    body = functools.partial(
+        _decode_attention_body,
         group=g,
         seq_len=s,
         block_s=block_s,
@@ -159,31 +165,26 @@ def decode_attention_pallas(
         scale=scale,
         window=None if window is None else int(window),
     )
-    o, m, l_sum = pl.pallas_call(
-        kernel,
-        grid=(bk, num_splits),
-        in_specs=[
+    out = split_k_attention(
+        body,
+        (lengths.astype(jnp.int32), q.reshape(bk, g, h), k_cache.reshape(bk, s, h), v_cache.reshape(bk, s, h)),
+        [
             pl.BlockSpec((1,), lambda r, c: (r // kv,)),  # lengths[b] of row r = b * K + k
             pl.BlockSpec((None, g, h), lambda r, c: (r, 0, 0)),
             pl.BlockSpec((None, s, h), lambda r, c: (r, 0, 0)),
             pl.BlockSpec((None, s, h), lambda r, c: (r, 0, 0)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, gp, h), lambda r, c: (r, c, 0, 0)),
-            pl.BlockSpec((None, None, gp), lambda r, c: (r, c, 0)),
-            pl.BlockSpec((None, None, gp), lambda r, c: (r, c, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((bk, num_splits, gp, h), jnp.float32),
-            jax.ShapeDtypeStruct((bk, num_splits, gp), jnp.float32),
-            jax.ShapeDtypeStruct((bk, num_splits, gp), jnp.float32),
-        ],
-        compiler_params=triton_params(num_warps=num_warps, num_stages=num_stages),
+        grid=(bk, num_splits),
+        group=g,
+        head_dim=h,
+        out_dtype=jnp.float32,
+        combine=combine,
+        num_warps=num_warps,
+        num_stages=num_stages,
         interpret=interpret,
         name="decode_attention",
-    )(lengths.astype(jnp.int32), q.reshape(bk, g, h), k_cache.reshape(bk, s, h), v_cache.reshape(bk, s, h))
-    # The padded rows were never written: slice them off before the combine (XLA fuses the slice).
-    return combine_partials(o[:, :, :g], m[:, :, :g], l_sum[:, :, :g]).reshape(b, n, h)
+    )  # [BK, G, H]
+    return out.reshape(b, n, h)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "window"))
@@ -229,13 +230,16 @@ def decode_attention(
     interpret: bool | None = None,
     block_s: int | None = None,
     num_splits: int | None = None,
+    combine: str = "atomic",
 ):
     """Dense decode attention of each query head over the live rows of its KV head -> [B, N, H] fp32.
 
     GQA: query head j reads KV head j // G. Rows s >= lengths[b] are masked, and with a sliding
     ``window`` also rows s <= lengths[b] - 1 - window; a row with lengths[b] == 0 gives zeros.
     ``implementation``: "pallas" | "xla" | None (Pallas on GPU, the jnp reference elsewhere);
-    ``interpret`` defaults to ``$SPOTLIGHT_PALLAS_INTERPRET`` (else True off the GPU).
+    ``interpret`` defaults to ``$SPOTLIGHT_PALLAS_INTERPRET`` (else True off the GPU). ``block_s``,
+    ``num_splits`` (C pieces per row) and ``combine`` ("atomic" | "kernel" | "xla": how the C partials
+    are merged) tune the Pallas path.
     """
     if resolve_implementation(implementation) == "xla":
         return decode_attention_reference(q, k_cache, v_cache, lengths, scale, window)
@@ -248,5 +252,6 @@ def decode_attention(
         window=window,
         block_s=block_s,
         num_splits=num_splits,
+        combine=combine,
         interpret=default_interpret() if interpret is None else interpret,
     )

@@ -1,16 +1,26 @@
 """Exact softmax decode attention over selected KV rows, gathered inside the kernel.
 
 Axis legend: B batch, N query heads, K KV heads, G = N / K, GP = G padded to a power of two
-(>= 16 for the tensor-core dot), S cache length, H head_dim, k selected slots, BT slots per step.
+(>= 16 for the tensor-core dot), S cache length, H head_dim, k selected slots, BT slots per step,
+C chunks per row, BK = B * K rows.
 
 One program handles one (batch row, KV head) and one chunk of the selected slots: it gathers the
-chunk's K and V rows straight from the cache (``k_ref[idx_vec, :]``, no materialised copy), runs
-an online softmax for the G query heads of the group and writes an unnormalised partial result;
-a tiny XLA combine merges the chunks (flash-decoding split). Each selected row is read once for
-all G query heads. fp32 accumulation; fp32 inputs use IEEE (not tf32) dots.
+chunk's K and V rows straight from the cache (``k_ref[idx_vec, :]``, no materialised copy) and runs
+an online softmax for the G query heads of the group (flash-decoding split). Each selected row is
+read once for all G query heads. fp32 accumulation; fp32 inputs use IEEE (not tf32) dots.
+
+Merge of the C chunks (``combine``; the memory-ordering argument is in ``_common``'s docstring):
+``"atomic"`` (default): each program stores the G real rows of its unnormalised partial (o, m, l),
+then bumps a per-row counter (CTA barrier, then one acq_rel GPU-scope atomic); the program that sees
+the count reach C - 1 reads the row's C partials back and writes the normalised [G, H] output in
+q's dtype, all in one launch (in two levels, groups of T chunks first, when C is large).
+``"kernel"``: a second small Pallas launch merges; ``"xla"``: an XLA combine. With C == 1 the
+program writes the output directly.
 
 Bytes: 2 * k * H * itemsize per (row, KV head) of gathered K/V (rows are 256 B in bf16 at
-H = 128, so gathers are full-sector reads) + k indices + q + partials.
+H = 128, so gathers are full-sector reads) + k indices + q + C partials of (G * H + 2 * G) * 4
+bytes per row, written once and read once by the merge (none with C == 1; with the two-level atomic
+merge also C / T group partials of the same size) + the output.
 """
 
 from __future__ import annotations
@@ -27,25 +37,21 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._common import (
     cdiv,
     cdiv_traced,
-    combine_partials,
     next_pow2,
     online_softmax_step,
     prev_pow2,
     resolve_implementation,
     softmax_init,
-    triton_params,
+    split_k_attention,
 )
 
 
-def _sparse_attention_kernel(
+def _sparse_attention_body(
     q_ref,  # [G, H] (block of [B*K, G, H]; rows >= G of the padded tile are masked)
     k_ref,  # [S, H] cache rows of this (batch, KV head)
     v_ref,  # [S, H]
     idx_ref,  # [k] int32 selected slots of this row
     mask_ref,  # [k] int8 validity of the slots, or [1] int32 number of valid leading slots
-    o_ref,  # [GP, H] f32 out: unnormalised partial output of this chunk
-    m_ref,  # [GP] f32 out: running max of this chunk
-    l_ref,  # [GP] f32 out: softmax denominator of this chunk
     *,
     group: int,
     num_slots: int,
@@ -54,9 +60,11 @@ def _sparse_attention_kernel(
     scale: float,
     count_mask: bool,
 ):
-    gp, h = o_ref.shape
+    """Program (row, chunk): online softmax over the chunk's slots -> unnormalised (o [GP, H], m [GP], l [GP])."""
+    h = q_ref.shape[-1]
+    gp = max(16, next_pow2(group))
     g_rows = lax.broadcasted_iota(jnp.int32, (gp,), 0)
-    q = q_ref[jnp.minimum(g_rows, group - 1), :]  # [GP, H] (padded rows repeat the last head)
+    q = q_ref[jnp.minimum(g_rows, group - 1), :]  # [GP, H] (padded rows repeat the last head; never stored)
     q = (q.astype(jnp.float32) * scale).astype(q_ref.dtype)
     chunk_start = pl.program_id(1) * chunk
     n_valid = mask_ref[0] if count_mask else None
@@ -77,15 +85,7 @@ def _sparse_attention_kernel(
     if count_mask:
         # Skip the steps of this chunk that lie entirely past the valid slots.
         steps = jnp.clip(cdiv_traced(n_valid - chunk_start, block_t), 0, steps)
-    o, m, l_sum = lax.fori_loop(0, steps, body, softmax_init(gp, h))
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l_sum
-
-
-def _combine(o, m, l_sum, dtype, group):
-    """Merges the chunks' partials: o [BK, C, GP, H], m/l [BK, C, GP] -> [BK, G, H]."""
-    return combine_partials(o, m, l_sum)[:, :group].astype(dtype)
+    return lax.fori_loop(0, steps, body, softmax_init(gp, h))
 
 
 def default_chunk(num_slots: int, num_rows: int, block_t: int, target_programs: int = 528) -> int:
@@ -94,7 +94,9 @@ def default_chunk(num_slots: int, num_rows: int, block_t: int, target_programs: 
     return int(min(max(prev_pow2(want), block_t), max(block_t, next_pow2(num_slots)), 4096))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_t", "chunk", "num_warps", "num_stages", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("scale", "block_t", "chunk", "combine", "num_warps", "num_stages", "interpret")
+)
 def sparse_decode_attention_rows(
     q,  # [B, N, H]
     k_cache,  # [B, K, S, H]
@@ -105,15 +107,18 @@ def sparse_decode_attention_rows(
     scale: float | None = None,
     block_t: int = 32,
     chunk: int | None = None,
+    combine: str = "atomic",
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
 ):
-    """Pallas sparse decode attention on row-flattened selections; returns [B, N, H]."""
+    """Pallas sparse decode attention on row-flattened selections; returns [B, N, H] in q's dtype.
+
+    ``combine``: "atomic" | "kernel" | "xla", how the chunks' partials are merged (module docstring).
+    """
     b, n, h = q.shape
     kv, s = k_cache.shape[1], k_cache.shape[2]
     g, bk, num_slots = n // kv, b * kv, indices.shape[1]
-    gp = max(16, next_pow2(g))
     block_t = min(block_t, max(16, next_pow2(num_slots)))
     if chunk is None:
         chunk = default_chunk(num_slots, bk, block_t)
@@ -121,8 +126,8 @@ def sparse_decode_attention_rows(
     num_chunks = cdiv(num_slots, chunk)
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     count_mask = mask.ndim == 1
-    kernel = functools.partial(
-        _sparse_attention_kernel,
+    body = functools.partial(
+        _sparse_attention_body,
         group=g,
         num_slots=num_slots,
         block_t=block_t,
@@ -133,31 +138,27 @@ def sparse_decode_attention_rows(
     mask_spec = (
         pl.BlockSpec((1,), lambda r, c: (r,)) if count_mask else pl.BlockSpec((None, num_slots), lambda r, c: (r, 0))
     )
-    o, m, l_sum = pl.pallas_call(
-        kernel,
-        grid=(bk, num_chunks),
-        in_specs=[
+    out = split_k_attention(
+        body,
+        (q.reshape(bk, g, h), k_cache.reshape(bk, s, h), v_cache.reshape(bk, s, h), indices, mask),
+        [
             pl.BlockSpec((None, g, h), lambda r, c: (r, 0, 0)),
             pl.BlockSpec((None, s, h), lambda r, c: (r, 0, 0)),
             pl.BlockSpec((None, s, h), lambda r, c: (r, 0, 0)),
             pl.BlockSpec((None, num_slots), lambda r, c: (r, 0)),
             mask_spec,
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, gp, h), lambda r, c: (r, c, 0, 0)),
-            pl.BlockSpec((None, None, gp), lambda r, c: (r, c, 0)),
-            pl.BlockSpec((None, None, gp), lambda r, c: (r, c, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((bk, num_chunks, gp, h), jnp.float32),
-            jax.ShapeDtypeStruct((bk, num_chunks, gp), jnp.float32),
-            jax.ShapeDtypeStruct((bk, num_chunks, gp), jnp.float32),
-        ],
-        compiler_params=triton_params(num_warps=num_warps, num_stages=num_stages),
+        grid=(bk, num_chunks),
+        group=g,
+        head_dim=h,
+        out_dtype=q.dtype,
+        combine=combine,
+        num_warps=num_warps,
+        num_stages=num_stages,
         interpret=interpret,
         name="sparse_decode_attention",
-    )(q.reshape(bk, g, h), k_cache.reshape(bk, s, h), v_cache.reshape(bk, s, h), indices, mask)
-    return _combine(o, m, l_sum, q.dtype, g).reshape(b, n, h)
+    )  # [BK, G, H]
+    return out.reshape(b, n, h)
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
@@ -199,10 +200,12 @@ def sparse_decode_attention(
     interpret: bool = False,
     block_t: int = 32,
     chunk: int | None = None,
+    combine: str = "atomic",
 ):
     """Softmax attention of each query head over the valid selected rows of its KV head.
 
-    Output in q's dtype, fp32 accumulation; heads with no valid slot get zeros.
+    Output in q's dtype, fp32 accumulation; heads with no valid slot get zeros. ``chunk`` (selected slots
+    per program) and ``combine`` ("atomic" | "kernel" | "xla": how the chunks are merged) tune the Pallas path.
     """
     if resolve_implementation(implementation) == "xla":
         return sparse_decode_attention_reference(q, k_cache, v_cache, indices, valid, scale)
@@ -217,6 +220,7 @@ def sparse_decode_attention(
         scale=scale,
         block_t=block_t,
         chunk=chunk,
+        combine=combine,
         interpret=interpret,
     )
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decode_attention, decode_attention_reference
+from pallas_kernels._common import merge_group_size
 from spotlight_jax import retrieval
 from tests.kernel_test_base import INTERPRET, rng
 
@@ -62,8 +63,9 @@ def test_decode_attention_matches_numpy(b, n, kv, s, h, lengths, num_splits, dty
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("combine", ["atomic", "kernel", "xla"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_window_and_scale(dtype):
+def test_window_and_scale(dtype, combine):
     b, n, kv, s, h, window = 3, 12, 4, 700, 64, 100
     lengths = [513, 40, 101]  # window inside, longer than, and one past the live rows
     q, kc, vc = _inputs(b, n, kv, s, h, dtype, seed=7)
@@ -72,8 +74,31 @@ def test_window_and_scale(dtype):
     ref = decode_attention_reference(q, kc, vc, ln, 0.3, window)
     np.testing.assert_allclose(np.asarray(ref, np.float64), want, rtol=TOL[dtype], atol=TOL[dtype])
     got = decode_attention(
-        q, kc, vc, ln, 0.3, window=window, implementation="pallas", interpret=INTERPRET, num_splits=3, block_s=32
-    )
+        q, kc, vc, ln, 0.3, window=window, implementation="pallas", interpret=INTERPRET, num_splits=3, block_s=32,
+        combine=combine,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+# Lengths 0 (zeros), 1 (one live piece of 21) and 333 over C = 21 pieces of 16 rows (G = 7, H = 128: the atomic
+# merge takes two levels, groups of 8, 8 and 5 pieces), and the same with C == 1 (no partials).
+@pytest.mark.parametrize(
+    "combine,num_splits",
+    [("atomic", 21), ("kernel", 21), ("xla", 21), ("atomic", 1)],
+    ids=["atomic", "kernel", "xla", "C1"],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_combine_modes(combine, num_splits, dtype):
+    b, n, kv, s, h, lengths = 3, 14, 2, 400, 128, [0, 1, 333]
+    assert merge_group_size(21, n // kv, h) < 21
+    q, kc, vc = _inputs(b, n, kv, s, h, dtype, seed=21)
+    want = _numpy_attention(q, kc, vc, lengths, 1 / np.sqrt(h))
+    got = decode_attention(
+        q, kc, vc, jnp.asarray(lengths, jnp.int32), implementation="pallas", interpret=INTERPRET,
+        block_s=16, num_splits=num_splits, combine=combine,
+    )  # fmt: skip
+    assert got.dtype == jnp.float32 and got.shape == q.shape
+    np.testing.assert_array_equal(np.asarray(got[0]), 0.0)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 

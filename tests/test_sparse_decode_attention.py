@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import dense_decode_attention_reference, sparse_decode_attention, sparse_decode_attention_reference
+from pallas_kernels._common import cdiv, merge_group_size
 from pallas_kernels.sparse_decode_attention import sparse_decode_attention_rows
 from tests.kernel_test_base import INTERPRET, rng
 
@@ -84,13 +85,55 @@ def test_all_selected_equals_dense(dtype):
     )
 
 
-def test_count_mask_and_scale():
+@pytest.mark.parametrize("combine", ["atomic", "kernel", "xla"])
+def test_count_mask_and_scale(combine):
     b, n, kv, s, h, kk = 2, 6, 2, 200, 64, 45
     q, kc, vc, idx, _ = _inputs(b, n, kv, s, h, kk, jnp.float32, seed=2)
     n_valid = jnp.asarray([45, 0, 1, 17], jnp.int32)
     valid = (jnp.arange(kk)[None] < n_valid[:, None]).reshape(b, kv, kk)
     want = _numpy_attention(q, kc, vc, idx, valid, 0.3)
     got = sparse_decode_attention_rows(
-        q, kc, vc, idx.reshape(b * kv, kk), n_valid, scale=0.3, chunk=32, block_t=16, interpret=INTERPRET
-    )
+        q, kc, vc, idx.reshape(b * kv, kk), n_valid, scale=0.3, chunk=16, block_t=16, combine=combine,
+        interpret=INTERPRET,
+    )  # fmt: skip
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+# Ragged count masks over C = 21 chunks of 16 slots (G = 7, H = 128: the atomic merge takes two levels,
+# groups of 8, 8 and 5 chunks): a full row, an empty row (zeros), one slot, and a row ending mid-chunk.
+COMBINE_CASE = dict(b=2, n=14, kv=2, s=400, h=128, kk=330, n_valid=[330, 0, 1, 201])
+
+
+@pytest.mark.parametrize("combine", ["atomic", "kernel", "xla"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_combine_modes_many_chunks(combine, dtype):
+    b, n, kv, s, h, kk = (COMBINE_CASE[k] for k in ("b", "n", "kv", "s", "h", "kk"))
+    assert merge_group_size(cdiv(kk, 16), n // kv, h) < cdiv(kk, 16)  # the two-level merge is exercised
+    q, kc, vc, idx, _ = _inputs(b, n, kv, s, h, kk, dtype, seed=21)
+    n_valid = jnp.asarray(COMBINE_CASE["n_valid"], jnp.int32)
+    valid = (jnp.arange(kk)[None] < n_valid[:, None]).reshape(b, kv, kk)
+    want = _numpy_attention(q, kc, vc, idx, valid, 1 / np.sqrt(h))
+    got = sparse_decode_attention_rows(
+        q, kc, vc, idx.reshape(b * kv, kk), n_valid, chunk=16, block_t=16, combine=combine, interpret=INTERPRET
+    )
+    assert got.dtype == dtype and got.shape == q.shape
+    np.testing.assert_array_equal(np.asarray(got[0, n // kv :], np.float32), 0.0)  # row with no valid slot
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_single_chunk_writes_output_directly(dtype):
+    """C == 1 (chunk >= k): no partials, the program normalises and stores the output itself."""
+    b, n, kv, s, h, kk = (COMBINE_CASE[k] for k in ("b", "n", "kv", "s", "h", "kk"))
+    q, kc, vc, idx, valid = _inputs(b, n, kv, s, h, kk, dtype, seed=22)
+    valid = valid.at[1, 0].set(False)
+    want = _numpy_attention(q, kc, vc, idx, valid, 1 / np.sqrt(h))
+    got = sparse_decode_attention(q, kc, vc, idx, valid, implementation="pallas", interpret=INTERPRET, chunk=512)
+    np.testing.assert_array_equal(np.asarray(got[1, : n // kv], np.float32), 0.0)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_unknown_combine_raises():
+    q, kc, vc, idx, valid = _inputs(1, 2, 1, 64, 32, 40, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="combine"):
+        sparse_decode_attention(q, kc, vc, idx, valid, implementation="pallas", interpret=True, chunk=16, combine="x")
