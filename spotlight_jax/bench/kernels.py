@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-kv-gb", type=float, default=20.0, help="skip attention above this KV size")
     parser.add_argument("--peak-tbs", type=float, default=3.0)
     parser.add_argument("--topk-variants", default="", help="extra hamming_topk settings: 'block_s:T[:num_warps];...'")
+    parser.add_argument("--attention-combines", default="atomic", help="split-k merges to compare: atomic,kernel,xla")
     parser.add_argument("--profile", action="store_true", help="print per-kernel device times (profiler)")
     parser.add_argument("--out", default=None, help="JSON path (default experiments/results/kernels_<device>.json)")
 
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> dict:
     ops = set(args.ops.split(","))
     variants = [tuple(int(x) for x in v.split(":")) for v in args.topk_variants.split(";") if v]
     dense_lengths = {int(x) for x in args.dense_lengths.split(",") if x}
+    combines = [c for c in args.attention_combines.split(",") if c]
     results = []
     key = jax.random.PRNGKey(0)
     w = args.bits // 32
@@ -218,17 +220,20 @@ def run(args: argparse.Namespace) -> dict:
                     ]
                     nvalid = jnp.full((b * kv,), k, jnp.int32)
                     att_sets = [(qs[i], *caches[i % ncache], idx_sets[i], nvalid) for i in range(calls)]
-                    fn = lambda q, kc, vc, ix, nv: sparse_decode_attention_rows(q, kc, vc, ix, nv)
-                    us = _median_call_us(fn, att_sets, args.reps, "attention")
-                    _row(
-                        results,
-                        "attention_pallas",
-                        us,
-                        sel_bytes,
-                        peak,
-                        **cfg,
-                        target_us=round(max(8.0, 1.5 * 2 * b * kv * k * h * 2 / (peak * 1e6)), 2),
-                    )
+                    for comb in combines:
+                        fn = lambda q, kc, vc, ix, nv, comb=comb: sparse_decode_attention_rows(
+                            q, kc, vc, ix, nv, combine=comb
+                        )
+                        us = _median_call_us(fn, att_sets, args.reps, f"attention {comb}")
+                        _row(
+                            results,
+                            "attention_pallas" + ("" if comb == "atomic" else f"(combine={comb})"),
+                            us,
+                            sel_bytes,
+                            peak,
+                            **cfg,
+                            target_us=round(max(8.0, 1.5 * 2 * b * kv * k * h * 2 / (peak * 1e6)), 2),
+                        )
                     if not args.no_xla and s <= args.xla_max_length:
                         valid = jnp.ones((b, kv, k), bool)
                         fn = lambda q, kc, vc, ix: sparse_decode_attention_reference(
@@ -254,10 +259,14 @@ def run(args: argparse.Namespace) -> dict:
                         from pallas_kernels import decode_attention
 
                         # Ours: flash-decoding over the [B, K, S, H] cache generate() keeps (no transpose).
-                        fn = lambda q, kc, vc, ln: decode_attention(q, kc, vc, ln, implementation="pallas")
                         own_sets = [(qs[i], *caches[i % ncache], lengths) for i in range(calls)]
-                        us = _median_call_us(fn, own_sets, args.reps, "dense ours")
-                        _row(results, "dense_pallas_ours", us, dense_bytes, peak, **cfg)
+                        for comb in combines:
+                            fn = lambda q, kc, vc, ln, comb=comb: decode_attention(
+                                q, kc, vc, ln, implementation="pallas", combine=comb
+                            )
+                            us = _median_call_us(fn, own_sets, args.reps, f"dense ours {comb}")
+                            label = "dense_pallas_ours" + ("" if comb == "atomic" else f"(combine={comb})")
+                            _row(results, label, us, dense_bytes, peak, **cfg)
                         del own_sets
                         # Dense baselines read the whole cache in [B, S, K, H] layout.
                         tcaches = [(kc.transpose(0, 2, 1, 3), vc.transpose(0, 2, 1, 3)) for kc, vc in caches]
