@@ -10,7 +10,7 @@ G real query heads of a row, GP >= G padded rows of the dot tile, H head_dim. Pr
 grid (BK, C) ends with an unnormalised partial o [GP, H], m [GP], l [GP]; only the G real rows are
 stored, into whole-row buffers o [BK, C, G, H], m / l [BK, C, G] f32. ``combine`` picks the merge:
 
-- ``"atomic"`` (default): the last program of a row to finish merges the row, in the same launch.
+- ``"atomic"``: the last program of a row to finish merges the row, in the same launch.
   Each program stores its partial, then a CTA barrier (``bar.sync``), then one thread does
   ``old = atomic_add(count[r], 1)`` (``atom.add.acq_rel.gpu``: Triton executes a scalar atomic on
   one thread and hands ``old`` to the others through shared memory behind a barrier). The program
@@ -33,7 +33,8 @@ stored, into whole-row buffers o [BK, C, G, H], m / l [BK, C, G] f32. ``combine`
   merge steps (C = 82: 3 steps of [8, 8, H] tiles instead of 11).
   Interpret mode runs the programs one after the other, so the last program of each row (group)
   merges; the barriers are skipped there (they have no CPU lowering).
-- ``"kernel"``: a second small Pallas launch merges the partials (grid (BK, H / HB)).
+- ``"kernel"`` (the kernels' default: measured faster, see their docstrings): a second small Pallas launch
+  merges the partials (grid (BK, H / HB)).
 - ``"xla"``: :func:`combine_partials` (several XLA reduce fusions).
 
 With C == 1 the single program normalises and writes the output directly (no partials).

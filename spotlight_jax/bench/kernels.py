@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-kv-gb", type=float, default=20.0, help="skip attention above this KV size")
     parser.add_argument("--peak-tbs", type=float, default=3.0)
     parser.add_argument("--topk-variants", default="", help="extra hamming_topk settings: 'block_s:T[:num_warps];...'")
-    parser.add_argument("--attention-combines", default="atomic", help="split-k merges to compare: atomic,kernel,xla")
+    parser.add_argument("--attention-combines", default="kernel", help="split-k merges to compare: atomic,kernel,xla")
     parser.add_argument("--profile", action="store_true", help="print per-kernel device times (profiler)")
     parser.add_argument("--out", default=None, help="JSON path (default experiments/results/kernels_<device>.json)")
 
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
                         us = _median_call_us(fn, att_sets, args.reps, f"attention {comb}")
                         _row(
                             results,
-                            "attention_pallas" + ("" if comb == "atomic" else f"(combine={comb})"),
+                            "attention_pallas" + ("" if comb == "kernel" else f"(combine={comb})"),
                             us,
                             sel_bytes,
                             peak,
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
                                 q, kc, vc, ln, implementation="pallas", combine=comb
                             )
                             us = _median_call_us(fn, own_sets, args.reps, f"dense ours {comb}")
-                            label = "dense_pallas_ours" + ("" if comb == "atomic" else f"(combine={comb})")
+                            label = "dense_pallas_ours" + ("" if comb == "kernel" else f"(combine={comb})")
                             _row(results, label, us, dense_bytes, peak, **cfg)
                         del own_sets
                         # Dense baselines read the whole cache in [B, S, K, H] layout.
