@@ -42,9 +42,23 @@ Bytes: codes (16 B/token/head at 128 bits) once + int16 scores written once and 
 later pass (2 B each) + k indices and scores out.
 
 The group sum of popcounts is computed with bit planes of the per-bit query counts: with
-c_b = #query heads of the group whose bit b is 1 and M = 2^P - 1 >= G,
-``score = sum_p 2^p popcount(~(plane_p ^ k)) - (M - G) * (bits - popcount(k))``: P = bit_length(G)
-popcounts per word instead of G (popcount issues at a quarter of the integer rate on Hopper).
+c_b = #query heads of the group whose bit b is 1 and M = 2^P - 1 >= G, P = bit_length(G),
+``score = sum_p 2^p popcount(~(plane_p ^ k)) - (M - G) * (bits - popcount(k))``: P popcounts per word
+instead of G (popcount issues at a quarter of the integer rate on Hopper). ``csa=False`` does exactly
+this (P * W popcounts per token, summed over the [Q, W] tile's words per plane).
+
+``csa=True`` (default) adds the words and planes with carry-save adders before counting. Bit b of a
+token contributes v_b = c_b if its key bit is 1 else G - c_b, so plane p of v is ``g_p ^ (k & d_p)``
+(g = planes of G - c, d = planes of c ^ (G - c), per query word; one LOP3) and, for G = 2^P - 1
+(1, 3, 7), ``k ^ g_p`` with g_p = ~c_p: no ``(M - G) popcount(k)`` term for any G. The P * W words
+(weight 2^p) form the columns of one tree (``csa_compress``): a full adder turns three words of a column
+into their xor (same weight) and majority (next weight), popcount(a) + popcount(b) + popcount(c) =
+popcount(sum) + 2 popcount(carry), so each one saves a popcount for ~2.5 LOP3s. The key words are
+loaded as [Q, <= 4] tiles (16 B per token, one thread's row) and split into [Q] vectors, so there is no
+per-word reduction. POPCs per token in the sm_90 SASS (csa=False -> True): at 128 bits G = 7 12 -> 7,
+G = 4 16 -> 5, G = 8 20 -> 7, G = 1 4 -> 3; at 256 bits G = 7 24 -> 8, G = 8 40 -> 8, for 2-3 LOP3s
+per popcount saved. ``csa_full_adders`` caps the adders (fewer LOP3s, more popcounts) for when the
+integer pipe, not POPC, is the bottleneck.
 """
 
 from __future__ import annotations
@@ -331,6 +345,165 @@ def _query_planes(
     return planes
 
 
+def _bitsliced_count(words, num_planes: int):
+    """Bit-sliced count of the set bits of ``words`` per bit position: planes[p] holds bit p of the count."""
+    planes = [None] * num_planes
+    for x in words:
+        carry = x
+        for p in range(num_planes):
+            if carry is None:
+                break
+            if planes[p] is None:
+                planes[p], carry = carry, None
+            else:
+                planes[p], carry = planes[p] ^ carry, planes[p] & carry
+    zero = words[0] & 0
+    return [zero if x is None else x for x in planes]
+
+
+def _query_word_planes(
+    q,  # [G, W] int32 query codes of the group: a kernel ref (scalar loads) or an array
+    group: int,
+    num_planes: int,
+):
+    """Per word w the selector planes of the CSA path: ``sel[w][p] = (g_p, d_p)`` (scalars).
+
+    With c_b = #query heads of the group whose bit b is 1, a token's bit b contributes v_b = c_b if its
+    key bit is 1 else G - c_b. g_p is plane p of G - c (the bit-sliced count of the zeros) and d_p = c_p ^ g_p,
+    so that plane p of v is ``g_p ^ (k & d_p)`` (one LOP3). For G = 2^P - 1, G - c = ~c and d_p = ~0:
+    d is None and plane p of v is ``k ^ g_p``.
+    """
+    full = group == (1 << num_planes) - 1
+    sel = []
+    for w in range(q.shape[1]):
+        qw = [q[j, w] for j in range(group)]
+        zeros = _bitsliced_count([~x for x in qw], num_planes)
+        if full:
+            sel.append([(zeros[p], None) for p in range(num_planes)])
+        else:
+            ones = _bitsliced_count(qw, num_planes)
+            sel.append([(zeros[p], ones[p] ^ zeros[p]) for p in range(num_planes)])
+    return sel
+
+
+# Cost model of ``csa_compress`` in half issue slots of the integer pipe per token, calibrated on the sm_90 SASS of
+# the score kernel (Triton 3.8 + ptxas, G = 3..8, 128-bit codes): a full adder costs ~2.5 slots (LOP3s, after ptxas
+# fused the xors and the majority), a half adder ~2, a popcount ~4.5 (POPC issues at a quarter of the LOP3 rate on
+# Hopper, plus its share of the adds that combine the counts). A half adder + the full adder it enables cost as much
+# as the popcount they save, so half adders are used only where one enables two or more full adders.
+CSA_COSTS = (5, 4, 9)  # (full adder, half adder, popcount)
+
+
+class _CsaStep(NamedTuple):
+    full: int  # full adders in this column
+    half: bool  # then one half adder on the two words left
+
+
+def _csa_plan(counts, costs=CSA_COSTS, max_full: int | None = None) -> tuple[_CsaStep, ...]:
+    """Per column (weight 1 up) the adders of the cheapest compression of columns of ``counts`` words.
+
+    Full adders while a column holds three or more words (at most ``max_full`` in all, lowest columns first);
+    a half adder on a column left with two words where that lowers the total cost. Exhaustive over those
+    half-adder choices; ties go to fewer adders.
+    """
+    full_cost, half_cost, pop_cost = costs
+    best = None
+
+    def rec(e, carry, budget, plan, cost, adders):
+        nonlocal best
+        n = (counts[e] if e < len(counts) else 0) + carry
+        if e >= len(counts) and n == 0:
+            if best is None or (cost, adders) < best[0]:
+                best = ((cost, adders), tuple(plan))
+            return
+        fa = max(0, (n - 1) // 2)  # n -> n - 2 * fa words (1 or 2), fa carries into the next column
+        fa = fa if budget is None else min(fa, budget)
+        rest = None if budget is None else budget - fa
+        left = n - 2 * fa
+        base = cost + full_cost * fa
+        rec(e + 1, fa, rest, plan + [_CsaStep(fa, False)], base + pop_cost * left, adders + fa)
+        if left == 2 and rest != 0:
+            rec(e + 1, fa + 1, rest, plan + [_CsaStep(fa, True)], base + half_cost + pop_cost, adders + fa + 1)
+
+    rec(0, 0, max_full, [], 0, 0)
+    return best[1]
+
+
+def csa_compress(columns, *, costs=CSA_COSTS, max_full_adders: int | None = None):
+    """Carry-save compression of weighted words for a sum of popcounts.
+
+    ``columns[e]`` lists words of weight 2^e (int32 arrays of one shape, or anything with ``^ & |``). Returns
+    ``[(e, word)]``, fewer words, with the same weighted popcount sum, bit for bit:
+    ``sum_e 2^e sum_{x in columns[e]} popcount(x) == sum_{(e, x)} 2^e popcount(x)``.
+
+    A full adder replaces three words a, b, c of weight 2^e by their sum a ^ b ^ c (weight 2^e) and their
+    majority (a & b) | (c & (a ^ b)) (weight 2^(e+1)), since per bit a + b + c = sum + 2 * carry; a half
+    adder replaces two by a ^ b and a & b. Columns are compressed from weight 1 up, carries joining the next
+    column: full adders while a column holds three or more words (each saves a popcount for two LOP3s, ~2.5
+    in the sm_90 SASS), then a half adder on a column left with two words where its carry lets the columns
+    above save more popcounts than it costs. The plan (``_csa_plan``) depends only on the column sizes, ``costs`` (see
+    ``CSA_COSTS``) and ``max_full_adders`` (None: all that pay off; fewer trade LOP3s back for popcounts).
+    E.g. 3 columns of 4 words (G = 7 query heads, 128-bit codes): 5 full adders, 7 popcounts instead of 12.
+    """
+    plan = _csa_plan([len(c) for c in columns], costs, max_full_adders)
+    cols = [list(c) for c in columns] + [[] for _ in range(len(plan) - len(columns))]
+    out = []
+    for e, (col, step) in enumerate(zip(cols, plan, strict=True)):
+        carries = []
+        for _ in range(step.full):
+            a, b, c = col.pop(0), col.pop(0), col.pop(0)
+            ab = a ^ b
+            col.append(ab ^ c)
+            carries.append((a & b) | (c & ab))
+        if step.half:
+            a, b = col
+            col = [a ^ b]
+            carries.append(a & b)
+        if carries:
+            cols[e + 1].extend(carries)
+        out.extend((e, x) for x in col)
+    return out
+
+
+def _weighted_popcount(terms):
+    """``sum_{(e, x)} 2^e popcount(x)`` as int32 (Horner over the distinct weights: one shift-add each)."""
+    by_e = {}
+    for e, x in terms:
+        pc = lax.population_count(x)
+        by_e[e] = pc if e not in by_e else by_e[e] + pc
+    es = sorted(by_e, reverse=True)
+    acc = by_e[es[0]]
+    for hi, lo in zip(es, es[1:], strict=False):
+        acc = (acc << (hi - lo)) + by_e[lo]
+    return acc << es[-1] if es[-1] else acc
+
+
+def _csa_scores(
+    words,  # W [Q] int32: word w of each token's key code
+    sel,  # _query_word_planes(...)
+    max_full_adders: int | None = None,
+):
+    """[Q] int32 group scores ``sum_j popcount(~(q_j ^ k))`` by one carry-save tree over all words and planes.
+
+    Column p of the tree holds plane p of the per-bit values v_b of every word (``_query_word_planes``).
+    """
+    cols = [[] for _ in sel[0]]
+    for k, planes in zip(words, sel, strict=True):
+        for p, (g, d) in enumerate(planes):
+            cols[p].append(k ^ g if d is None else g ^ (k & d))
+    return _weighted_popcount(csa_compress(cols, max_full_adders=max_full_adders))
+
+
+def _split_words(
+    tile,  # [Q, V] int32
+):
+    """V [Q] tensors, the columns of ``tile`` (thread-local when a thread holds its rows' V words)."""
+    q, v = tile.shape
+    if v == 1:
+        return [tile.reshape(q)]
+    return [x.reshape(q) for x in lax.split(tile, (1,) * v, axis=1)]
+
+
 def _score_count_kernel(
     q_ref,  # [G, W] int32: query codes of the group of this KV head
     len_ref,  # [1] int32: live length of this batch row
@@ -346,10 +519,15 @@ def _score_count_kernel(
     sub: int,
     chunks: int,
     depth: int,
+    csa: bool,
+    csa_full_adders: int | None,
 ):
     span, w = k_ref.shape
     t = h_ref.shape[0]
     q = sub // chunks
+    # CSA path: a token's words as separate [Q] vectors, from loads of at most 4 words (16 B) per token so that
+    # each thread holds whole rows of a tile and the split into words is thread-local.
+    tile_w = min(w, 4) if csa else w
     base = pl.program_id(1) * span
     length = len_ref[0]
     full_blocks = seq_len % span == 0  # no block extends past S
@@ -362,15 +540,17 @@ def _score_count_kernel(
         out = []
         for c in range(chunks):
             off = _multiple_of(it * sub + c * q, q)
-            ref = k_ref.at[pl.ds(off, q), :]
+            cols = [slice(None)] if tile_w == w else [pl.ds(j, tile_w) for j in range(0, w, tile_w)]
+            refs = [k_ref.at[pl.ds(off, q), col] for col in cols]
             if isinstance(it, int) and it == 0:  # ... except in step 0: its loads go out before the length arrives
                 if full_blocks:
-                    out.append(plgpu.load(ref))
+                    out.append(tuple(plgpu.load(ref) for ref in refs))
                     continue
                 live = base + off + lane < seq_len
             else:
                 live = base + off + lane < lim
-            out.append(plgpu.load(ref, mask=jnp.broadcast_to(live[:, None], (q, w)), other=0))
+            mask = jnp.broadcast_to(live[:, None], (q, tile_w))
+            out.append(tuple(plgpu.load(ref, mask=mask, other=0) for ref in refs))
         return tuple(out)
 
     # score = sum_p 2^p popcount(~(plane_p ^ k)) - (M - G)(bits - popcount(k))
@@ -382,13 +562,17 @@ def _score_count_kernel(
         for c in range(chunks):
             off = _multiple_of(it * sub + c * q, q)
             rows = base + off + lane
-            k = codes[c]  # [Q, W]
-            acc = jnp.zeros((q,), jnp.int32)
-            for p in range(num_planes):
-                acc += jnp.sum(lax.population_count(k ^ planes[p][None, :]), axis=1) << p
-            score = group * bits - acc
-            if extra:
-                score += extra * jnp.sum(lax.population_count(k), axis=1)
+            if csa:
+                words = [x for tile in codes[c] for x in _split_words(tile)]
+                score = _csa_scores(words, planes, csa_full_adders)
+            else:
+                (k,) = codes[c]  # [Q, W]
+                acc = jnp.zeros((q,), jnp.int32)
+                for p in range(num_planes):
+                    acc += jnp.sum(lax.population_count(k ^ planes[p][None, :]), axis=1) << p
+                score = group * bits - acc
+                if extra:
+                    score += extra * jnp.sum(lax.population_count(k), axis=1)
             score = jnp.where(rows < length, score, -1)
             plgpu.store(s_ref.at[pl.ds(off, q)], score.astype(jnp.int16), mask=None if full_blocks else rows < seq_len)
             masks.append(_thermometer(score, 0, step, min(t, 31)))
@@ -396,7 +580,8 @@ def _score_count_kernel(
 
     lane_max = num_steps * chunks
     init = tuple(jnp.zeros((q,), jnp.int32) for _ in range(lane_max.bit_length()))
-    counters, _ = _stream(load, body, num_steps, steps, init, depth, lambda: _query_planes(q_ref, group, num_planes))
+    planes = _query_word_planes if csa else _query_planes
+    counters, _ = _stream(load, body, num_steps, steps, init, depth, lambda: planes(q_ref, group, num_planes))
     _store_counts(h_ref, _extract_counts(counters, t, lane_max, span))
     if num_steps > depth:  # skipped sub-blocks still get -1: the later passes read scores without the length
         minus1 = jnp.full((sub,), -1, jnp.int16)
@@ -584,7 +769,20 @@ def plan_spans(seq_len: int, rows: int, sub: int, max_blocks: int = 64, target_p
 
 
 def _scores_pass(
-    q_codes, k_codes, lengths, *, sub, span, num_thresholds, step, num_warps, interpret, chunks=4, depth=None
+    q_codes,
+    k_codes,
+    lengths,
+    *,
+    sub,
+    span,
+    num_thresholds,
+    step,
+    num_warps,
+    interpret,
+    chunks=4,
+    depth=None,
+    csa=True,
+    csa_full_adders=None,
 ):
     """Pass 1: int16 scores [BK, S] and per-block counts [BK, NBP, T]."""
     b, n, w = q_codes.shape
@@ -605,6 +803,8 @@ def _scores_pass(
         sub=sub,
         chunks=min(chunks, sub),
         depth=depth,
+        csa=csa,
+        csa_full_adders=csa_full_adders,
     )
     scores, counts = pl.pallas_call(
         kernel,
@@ -629,8 +829,8 @@ def _scores_pass(
     return scores, counts
 
 
-@functools.partial(jax.jit, static_argnames=("sub", "num_warps", "interpret"))
-def _hamming_scores_pallas(q_codes, k_codes, *, sub=1024, num_warps=4, interpret=False):
+@functools.partial(jax.jit, static_argnames=("sub", "num_warps", "csa", "interpret"))
+def _hamming_scores_pallas(q_codes, k_codes, *, sub=1024, num_warps=4, csa=True, interpret=False):
     b, kv, s, _ = k_codes.shape
     sub, span, _ = plan_spans(s, b * kv, sub)
     scores, _ = _scores_pass(
@@ -643,6 +843,7 @@ def _hamming_scores_pallas(q_codes, k_codes, *, sub=1024, num_warps=4, interpret
         step=1,
         num_warps=num_warps,
         interpret=interpret,
+        csa=csa,
     )
     return scores.astype(jnp.int32).reshape(b, kv, s)
 
@@ -659,6 +860,8 @@ def _hamming_scores_pallas(q_codes, k_codes, *, sub=1024, num_warps=4, interpret
         "pass1_depth",
         "depth",
         "score_lanes",
+        "csa",
+        "csa_full_adders",
         "interpret",
     ),
 )
@@ -677,6 +880,8 @@ def hamming_topk_rows(
     pass1_depth: int | None = PASS1_DEPTH,
     depth: int = SCORE_DEPTH,
     score_lanes: int = SCORE_LANES,
+    csa: bool = True,
+    csa_full_adders: int | None = None,
     interpret: bool = False,
 ):
     """Pallas top-k; returns (indices [BK, k] int32, scores [BK, k] int32, n_valid [BK] int32).
@@ -687,6 +892,10 @@ def hamming_topk_rows(
     compaction passes (powers of two; 1 = one-step prefetch, as before; None = automatic for pass 1).
     ``score_lanes``: at most this many scores per thread and step are folded into one counter lane /
     ranked in-thread (1 = one lane per score and one block-wide scan per step, as before).
+    ``csa``: pass 1 scores each token with one carry-save tree over all its words and planes (``_csa_scores``);
+    False = one popcount per word and plane, summed per plane (the previous path, kept for comparison).
+    ``csa_full_adders``: at most this many full adders per token in that tree (None: every one that pays off
+    under ``CSA_COSTS``); fewer keep more popcounts and fewer LOP3s, for when POPC is not the bottleneck.
     At most 31 of the ``num_thresholds`` (a power of two) are used: one bit each in an int32 mask.
     Slots ``>= n_valid`` of a row hold index 0 and score 0. This is the form that ``sparse_decode_attention_rows``
     consumes without materialising a boolean mask.
@@ -718,6 +927,8 @@ def hamming_topk_rows(
         interpret=interpret,
         chunks=chunks,
         depth=pass1_depth,
+        csa=csa,
+        csa_full_adders=csa_full_adders,
     )
     params = triton_params(num_warps=num_warps, num_stages=2)
     row_spec = pl.BlockSpec((1,), lambda r, i: (r // kv,))
@@ -795,11 +1006,12 @@ def hamming_scores(
     *,
     implementation: str | None = None,
     interpret: bool = False,
+    csa: bool = True,
 ):
-    """int32 [B, K, S] group-summed XNOR-popcount scores."""
+    """int32 [B, K, S] group-summed XNOR-popcount scores (``csa``: see ``hamming_topk_rows``)."""
     if resolve_implementation(implementation) == "xla":
         return hamming_scores_reference(q_codes, k_codes)
-    return _hamming_scores_pallas(q_codes, k_codes, interpret=interpret)
+    return _hamming_scores_pallas(q_codes, k_codes, csa=csa, interpret=interpret)
 
 
 def hamming_topk(
@@ -814,11 +1026,13 @@ def hamming_topk(
     block_s: int = 1024,
     num_thresholds: int = 32,
     max_blocks: int = 64,
+    num_warps: int = 8,
+    csa: bool = True,
 ) -> TopK:
     """Per (batch row, KV head) the ``k`` highest-scoring of the first ``lengths[b]`` tokens.
 
     Exact up to ties. Only the first ``min(budget[b], lengths[b])`` slots are valid; the others
-    hold index 0 and score 0 (safe to gather).
+    hold index 0 and score 0 (safe to gather). The tuning knobs are those of ``hamming_topk_rows``.
     """
     b, kv = k_codes.shape[:2]
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -834,6 +1048,8 @@ def hamming_topk(
         block_s=block_s,
         num_thresholds=num_thresholds,
         max_blocks=max_blocks,
+        num_warps=num_warps,
+        csa=csa,
         interpret=interpret,
     )
     valid = jnp.arange(k)[None, :] < nv[:, None]

@@ -1,9 +1,16 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from pallas_kernels import hamming_scores, hamming_scores_reference, hamming_topk, hamming_topk_reference
-from pallas_kernels.hamming_topk import hamming_topk_rows, level_steps
+from pallas_kernels.hamming_topk import (
+    _csa_scores,
+    _query_word_planes,
+    csa_compress,
+    hamming_topk_rows,
+    level_steps,
+)
 from tests.kernel_test_base import INTERPRET, random_codes, rng, scores_np
 
 # (batch, query heads, KV heads, S, bits): covers G in {1, 3, 4, 7, 8} and bits in {32 ... 256}.
@@ -16,16 +23,72 @@ SCORE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("csa", [True, False], ids=["csa", "planes"])
 @pytest.mark.parametrize("b,n,kv,s,bits", SCORE_CASES)
-def test_scores_exact(b, n, kv, s, bits):
+def test_scores_exact(b, n, kv, s, bits, csa):
     gen = rng(b * 1000 + s)
     q = random_codes(gen, (b, n, bits // 32))
     k = random_codes(gen, (b, kv, s, bits // 32))
     want = scores_np(q, k)
     np.testing.assert_array_equal(np.asarray(hamming_scores_reference(jnp.asarray(q), jnp.asarray(k))), want)
-    got = hamming_scores(jnp.asarray(q), jnp.asarray(k), implementation="pallas", interpret=INTERPRET)
+    got = hamming_scores(jnp.asarray(q), jnp.asarray(k), implementation="pallas", interpret=INTERPRET, csa=csa)
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def _popcount_sum(terms):
+    """sum_(e, x) 2^e popcount(x) in plain jnp, int32 [Q]."""
+    return sum(lax.population_count(x).astype(jnp.int32) << e for e, x in terms)
+
+
+# Column sizes of the scoring tree: P = bit_length(G) columns of W words, G in 1..8, W in {1, 2, 4, 8}; plus
+# ragged ones (carries into empty and into longer columns).
+CSA_COLUMNS = sorted({(w,) * g.bit_length() for g in range(1, 9) for w in (1, 2, 4, 8)})
+CSA_COLUMNS += [(5, 0, 3, 1), (0, 7), (1, 5, 2)]
+
+
+@pytest.mark.parametrize("counts", CSA_COLUMNS, ids=lambda c: "x".join(map(str, c)))
+def test_csa_compress_matches_direct_sum(counts):
+    """The carry-save tree keeps the weighted popcount sum exactly, with fewer words (any full-adder cap)."""
+    gen = rng(sum(c << (3 * i) for i, c in enumerate(counts)))
+    words = jnp.asarray(random_codes(gen, (sum(counts), 64)).view(np.int32))
+    it = iter(words)
+    columns = [[next(it) for _ in range(c)] for c in counts]
+    want = _popcount_sum([(e, x) for e, col in enumerate(columns) for x in col])
+    full_adders = sum(counts) - len(csa_compress(columns))  # each full adder removes one word
+    for cap in (None, 0, 1, 2):
+        out = csa_compress(columns, max_full_adders=cap)
+        np.testing.assert_array_equal(np.asarray(_popcount_sum(out)), np.asarray(want))
+        assert len(out) <= sum(counts)
+        if cap is not None:
+            assert len(out) >= sum(counts) - cap
+    if max(counts) >= 3:
+        assert full_adders > 0
+
+
+def test_csa_compress_counts():
+    """Popcounts left per token for the common shapes (G = 7 / 4 / 8 at 128 bits, G = 1 at 128 / 256 bits)."""
+    for g, w, want in [(7, 4, 7), (4, 4, 7), (8, 4, 7), (1, 4, 3), (1, 8, 4), (7, 8, 8), (7, 1, 3)]:
+        cols = [[jnp.zeros((1,), jnp.int32)] * w for _ in range(g.bit_length())]
+        assert len(csa_compress(cols)) == want, (g, w)
+
+
+@pytest.mark.parametrize("bits", [32, 64, 128, 256])
+def test_csa_scores_match_reference(bits):
+    """The kernel's CSA scoring (query word planes + tree) outside Pallas, for every G in 1..8."""
+    w = bits // 32
+    gen = rng(bits)
+    for g in range(1, 9):
+        q = random_codes(gen, (1, g, w))
+        k = random_codes(gen, (1, 1, 200, w), distinct=50)
+        k[0, 0, 0], k[0, 0, 1] = 0, 0xFFFFFFFF  # all-zero / all-one keys: the extreme scores
+        want = scores_np(q, k)[0, 0]  # = hamming_scores_reference (test_scores_exact)
+        # numpy int32 operands (same bit semantics as the kernel's int32, without per-op dispatch)
+        sel = _query_word_planes(q[0].view(np.int32), g, g.bit_length())
+        words = [np.ascontiguousarray(k[0, 0, :, i]).view(np.int32) for i in range(w)]
+        for cap in (None, 1):
+            got = _csa_scores(words, sel, cap)
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"G={g} bits={bits} cap={cap}")
 
 
 def _check_topk(out, q, k, lengths, kk, budget=None):

@@ -50,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xla-max-length", type=int, default=1 << 20)
     parser.add_argument("--max-kv-gb", type=float, default=20.0, help="skip attention above this KV size")
     parser.add_argument("--peak-tbs", type=float, default=3.0)
-    parser.add_argument("--topk-variants", default="", help="extra hamming_topk settings: 'block_s:T[:num_warps];...'")
+    parser.add_argument(
+        "--topk-variants",
+        default="",
+        help="extra hamming_topk settings 'block_s:T[:num_warps[:csa]];...', csa 1 | 0 | f<N> (<= N full adders)",
+    )
     parser.add_argument("--attention-combines", default="kernel", help="split-k merges to compare: atomic,kernel,xla")
     parser.add_argument("--profile", action="store_true", help="print per-kernel device times (profiler)")
     parser.add_argument("--out", default=None, help="JSON path (default experiments/results/kernels_<device>.json)")
@@ -58,6 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 PROFILE = False
 LAST_PROFILE = None  # (device us per call, {kernel: us per call}) of the last profiled timing
+
+
+def _topk_variant(spec: str) -> tuple[int, int, int, bool, int | None]:
+    """'block_s:T[:num_warps[:csa]]' -> (block_s, T, num_warps, csa, csa_full_adders); csa '1', '0' or 'f<N>'."""
+    bs, t, *rest = spec.split(":")
+    nw = int(rest[0]) if rest else 8
+    c = rest[1] if len(rest) > 1 else "1"
+    if c.startswith("f"):
+        return int(bs), int(t), nw, True, int(c[1:])
+    return int(bs), int(t), nw, c != "0", None
 
 
 def _median_call_us(fn, arg_sets, reps: int, label: str = "", min_calls: int = 64) -> float:
@@ -150,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     ops = set(args.ops.split(","))
-    variants = [tuple(int(x) for x in v.split(":")) for v in args.topk_variants.split(";") if v]
+    variants = [_topk_variant(v) for v in args.topk_variants.split(";") if v]
     dense_lengths = {int(x) for x in args.dense_lengths.split(",") if x}
     combines = [c for c in args.attention_combines.split(",") if c]
     results = []
@@ -174,19 +188,23 @@ def run(args: argparse.Namespace) -> dict:
                 topk_sets = [(qcodes[i], codes[i % ncodes], lengths, budget) for i in range(calls)]
                 topk_bytes = code_bytes + b * kv * k * 4
                 if "topk" in ops or "spotlight" in ops:
-                    for bs, t, *nw in [(1024, 32)] + variants:
-                        nw = nw[0] if nw else 8
-                        fn = lambda q, c, ln, bu, bs=bs, t=t, nw=nw: hamming_topk_rows(
-                            q, c, ln, bu, k=k, block_s=bs, num_thresholds=t, num_warps=nw
+                    for bs, t, nw, csa, fa in [(1024, 32, 8, True, None)] + variants:
+                        fn = lambda q, c, ln, bu, bs=bs, t=t, nw=nw, csa=csa, fa=fa: hamming_topk_rows(
+                            q, c, ln, bu, k=k, block_s=bs, num_thresholds=t, num_warps=nw, csa=csa, csa_full_adders=fa
                         )[0]
+                        name = (
+                            f"bs={bs},T={t},w={nw}"
+                            + ("" if csa else ",csa=0")
+                            + (f",fa={fa}" if fa is not None else "")
+                        )
                         try:
-                            us = _median_call_us(fn, topk_sets, args.reps, f"topk bs={bs} T={t} warps={nw}")
+                            us = _median_call_us(fn, topk_sets, args.reps, f"topk {name}")
                         except Exception as e:  # noqa: BLE001 - report, keep benchmarking
-                            print(f"    topk bs={bs} T={t} warps={nw} failed: {type(e).__name__}: {str(e)[:300]}")
+                            print(f"    topk {name} failed: {type(e).__name__}: {str(e)[:300]}")
                             continue
                         _row(
                             results,
-                            f"topk_pallas(bs={bs},T={t},w={nw})",
+                            f"topk_pallas({name})",
                             us,
                             topk_bytes,
                             peak,
