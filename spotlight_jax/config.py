@@ -171,6 +171,25 @@ class ModelConfig:
 METHODS = ("dense", "oracle", "linear", "spotlight", "quest")
 
 
+def split_method(spec: str) -> tuple[str, dict[str, int]]:
+    """'spotlight+sink4+recent16' -> ('spotlight', {'sink_tokens': 4, 'recent_window': 16}).
+
+    The modifiers after '+' add always-kept rows (RetrievalConfig.sink_tokens / recent_window) to a sparse method.
+    """
+    name, *mods = spec.split("+")
+    fields: dict[str, int] = {}
+    for mod in mods:
+        for field, prefix in (("sink_tokens", "sink"), ("recent_window", "recent")):
+            if mod.startswith(prefix) and mod[len(prefix) :].isdigit():
+                fields[field] = int(mod[len(prefix) :])
+                break
+        else:
+            raise ValueError(f"unknown method modifier {mod!r}: use +sink<N> or +recent<N> (e.g. spotlight+sink4)")
+    if fields and name == "dense":
+        raise ValueError("dense reads every row: modifiers +sink<N> / +recent<N> apply to sparse methods only")
+    return name, fields
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrievalConfig:
     """How decode-step attention picks the KV rows it reads (static under jit).

@@ -15,7 +15,7 @@ from flax import nnx
 
 from spotlight_jax.bench.common import roofline_us, write_results
 from spotlight_jax.bench.decode import random_model, time_decode_steps, weight_bytes_per_step
-from spotlight_jax.config import ModelConfig, RetrievalConfig
+from spotlight_jax.config import ModelConfig, RetrievalConfig, split_method
 from spotlight_jax.hashing import HashConfig, HashStack
 
 
@@ -23,7 +23,12 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--model", default="qwen2.5-7b", help="shape preset: qwen2.5-7b | llama3-8b | smollm2-135m")
     p.add_argument("--context", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--batch", type=int, nargs="*", default=None, help="default: 1 and the largest batch dense fits")
-    p.add_argument("--methods", nargs="+", default=["dense", "spotlight"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["dense", "spotlight"],
+        help="dense, spotlight, linear (+sink<N>, +recent<N>)",
+    )
     p.add_argument("--bits", type=int, default=128)
     p.add_argument("--keep-ratio", type=float, default=0.02)
     p.add_argument("--steps", type=int, default=16)
@@ -59,6 +64,15 @@ def step_roofline_bytes(cfg, method, batch, context, wbytes, rcfg: RetrievalConf
     return wbytes + dense_kv + codes + selected, parts
 
 
+def method_fields(spec: str) -> dict:
+    """'spotlight+sink4' -> RetrievalConfig fields {method, sink_tokens}."""
+    try:
+        name, fields = split_method(spec)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return {"method": name, **fields}
+
+
 def run(args):
     cfg = ModelConfig.preset(args.model)
     model = random_model(cfg)
@@ -70,11 +84,11 @@ def run(args):
         print(f"context {ctx}: batches {batches}", flush=True)
         for batch in batches:
             for method in args.methods:
-                rcfg = RetrievalConfig(method=method, keep_ratio=args.keep_ratio, bits=args.bits)
+                rcfg = RetrievalConfig(keep_ratio=args.keep_ratio, bits=args.bits, **method_fields(method))
                 try:
                     res = time_decode_steps(
                         model, cfg, batch, ctx, args.steps, args.repeats, rcfg,
-                        hashes if method in ("spotlight", "linear") else None, profile=args.profile,
+                        hashes if rcfg.method in ("spotlight", "linear") else None, profile=args.profile,
                     )  # fmt: skip
                 except Exception as e:  # noqa: BLE001 - an OOM at one size must not lose the other rows
                     print(f"{method} batch {batch} context {ctx}: {type(e).__name__}: {str(e)[:300]}", flush=True)

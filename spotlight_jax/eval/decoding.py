@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spotlight_jax.config import ModelConfig, RetrievalConfig
+from spotlight_jax.config import ModelConfig, RetrievalConfig, split_method
 from spotlight_jax.generate import SamplingConfig, bucket, decode_loop
 from spotlight_jax.model import KVCache, init_cache
 from spotlight_jax.retrieval import CODE_METHODS
@@ -56,23 +56,17 @@ def method_setup(name: str, cfg: ModelConfig, args) -> tuple[str, RetrievalConfi
     Modifiers after '+' add always-kept rows to a sparse method: 'spotlight+sink4' keeps the first 4 tokens,
     'oracle+recent16' the last 16, 'spotlight+sink4+recent16' both (RetrievalConfig.sink_tokens / recent_window).
     """
-    name, *mods = name.split("+")
+    spec = name
+    try:
+        name, always_kept = split_method(spec)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     base = dict(
         keep_ratio=args.keep_ratio, min_keep=args.min_keep, dense_layers=tuple(args.dense_layers),
-        implementation=args.implementation,
+        implementation=args.implementation, **always_kept,
     )  # fmt: skip
-    for mod in mods:
-        for field, prefix in (("sink_tokens", "sink"), ("recent_window", "recent")):
-            if mod.startswith(prefix) and mod[len(prefix) :].isdigit():
-                base[field] = int(mod[len(prefix) :])
-                break
-        else:
-            raise SystemExit(f"unknown method modifier {mod!r}: use +sink<N> or +recent<N> (e.g. spotlight+sink4)")
-    if mods and name == "dense":
-        raise SystemExit("dense reads every row: modifiers +sink<N> / +recent<N> apply to sparse methods only")
-    suffix = "".join("+" + m for m in mods)
     label, rcfg, stack = _method_base(name, cfg, args, base)
-    return label + suffix, rcfg, stack
+    return label + spec[len(name) :], rcfg, stack
 
 
 def _method_base(name: str, cfg: ModelConfig, args, base: dict) -> tuple[str, RetrievalConfig, Any]:
