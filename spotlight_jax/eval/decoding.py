@@ -38,7 +38,12 @@ def default_data() -> str:
 def add_common_arguments(p: argparse.ArgumentParser, *, methods=DEFAULT_METHODS):
     p.add_argument("--model", default=None, help="model source for load_model (default: embedded SmolLM2-135M)")
     p.add_argument("--hashes", default=None, help="exported Spotlight hash checkpoint (needed by method 'spotlight')")
-    p.add_argument("--methods", nargs="+", default=list(methods), help="dense oracle quest linear-<bits> spotlight")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(methods),
+        help="dense oracle quest linear-<bits> spotlight; +sink<N> / +recent<N> keep first / last rows",
+    )
     p.add_argument("--data", default=None, help="datasets source (default: pydocs if present, else stdlib)")
     p.add_argument("--tokens", default=None, help="prebuilt token file (.npz) from --save-tokens: skips tokenising")
     p.add_argument("--save-tokens", default=None, help="write the tokenised evaluation set here (.npz) and go on")
