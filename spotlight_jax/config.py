@@ -208,6 +208,9 @@ class RetrievalConfig:
     bits: int = 128  # code length for `linear` / `spotlight`
     quest_page_size: int = 16
     implementation: str | None = None  # "xla" | "pallas" | None (= pallas on GPU, xla elsewhere)
+    # Tensor parallelism: a jax Mesh with axis "tp" (spotlight_jax.parallel.tp_mesh); the decode step's attention
+    # then runs per device on its KV heads. None = one device.
+    mesh: Any = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -218,6 +221,8 @@ class RetrievalConfig:
             raise ValueError(f"min_keep must be >= 1, got {self.min_keep}")
         if self.bits % 32:
             raise ValueError(f"bits must be a multiple of 32, got {self.bits}")
+        if self.mesh is not None and "tp" not in getattr(self.mesh, "axis_names", ()):
+            raise ValueError(f"mesh must have an axis named 'tp' (spotlight_jax.parallel.tp_mesh), got {self.mesh!r}")
         if self.implementation not in (None, "xla", "pallas"):
             raise ValueError(f"implementation must be 'xla', 'pallas' or None, got {self.implementation!r}")
 

@@ -9,6 +9,7 @@ Legend: B batch, T query len, S cache len, N q-heads, K kv-heads, G group, H hea
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -162,21 +163,38 @@ class Attention(nnx.Module):
                     codes = jax.lax.dynamic_update_slice(codes, hash_module.key_codes(k), (0, 0, 0, 0))
                 new_cache = (ck, cv, codes)
         else:
-            ck, cv, codes = cache_kv
-            pos = positions[:, 0]  # [B] each row writes at its own position
-            ck = _write_rows(ck, k.astype(ck.dtype), pos)
-            cv = _write_rows(cv, v.astype(cv.dtype), pos)
-            if codes is not None:
-                codes = _write_rows(codes, hash_module.key_codes(k), pos)
             if cfg.sliding_window is not None and retrieval_cfg.method != "dense":
                 raise NotImplementedError("sparse retrieval on a sliding-window model: use method='dense'")
-            out = retrieval.decode_attention(
-                q[:, :, 0], ck, cv, lengths, scale, layer=self.layer, cfg=retrieval_cfg,
-                code_cache=codes, hash_module=hash_module, window=cfg.sliding_window,
-            )[:, :, None]  # fmt: skip
-            new_cache = (ck, cv, codes)
+            step = functools.partial(
+                _decode_step, layer=self.layer, scale=scale, cfg=retrieval_cfg, window=cfg.sliding_window
+            )
+            args = (q, k, v, cache_kv, positions[:, 0], lengths, hash_module)  # each row writes at its own position
+            if retrieval_cfg.mesh is not None:  # tensor parallel: each device runs the step on its heads
+                from spotlight_jax import parallel
+
+                out, new_cache = parallel.sharded_decode(step, retrieval_cfg.mesh, *args)
+            else:
+                out, new_cache = step(*args)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, n * h).astype(x.dtype)
         return self.o_proj(out), new_cache, (q, k)
+
+
+def _decode_step(q, k, v, cache_kv, pos, lengths, hash_module, *, layer, scale, cfg, window):
+    """One decode token: write its k / v (and key codes) at `pos`, then attend (retrieval per `cfg`).
+
+    q [B, N, 1, H], k / v [B, K, 1, H], cache_kv (k, v [B, K, S, H], codes [B, K, S, W] or None), pos / lengths [B]
+    -> (out [B, N, 1, H] fp32, new cache_kv). Works on any subset of heads (tensor-parallel shards).
+    """
+    ck, cv, codes = cache_kv
+    ck = _write_rows(ck, k.astype(ck.dtype), pos)
+    cv = _write_rows(cv, v.astype(cv.dtype), pos)
+    if codes is not None:
+        codes = _write_rows(codes, hash_module.key_codes(k), pos)
+    out = retrieval.decode_attention(
+        q[:, :, 0], ck, cv, lengths, scale, layer=layer, cfg=cfg, code_cache=codes, hash_module=hash_module,
+        window=window,
+    )  # fmt: skip
+    return out[:, :, None], (ck, cv, codes)
 
 
 def _write_rows(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:

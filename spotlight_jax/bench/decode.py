@@ -48,29 +48,35 @@ def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> CausalL
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-def weight_bytes_per_step(model: CausalLM, batch: int) -> int:
-    """Bytes of parameters one decode step reads: everything but the embedding table, of which only B rows."""
+def weight_bytes_per_step(model: CausalLM, batch: int, per_device: bool = False) -> int:
+    """Bytes of parameters one decode step reads: everything but the embedding table, of which only B rows.
+
+    `per_device`: what one device of a tensor-parallel mesh reads (its shard of each parameter)."""
     cfg = model.cfg
-    total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    size = (lambda x: x.addressable_shards[0].data.nbytes) if per_device else (lambda x: x.nbytes)
+    total = sum(size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     embed = model.embed.embedding[...]
     if cfg.tie_word_embeddings:  # the table is read whole as the output projection
         return total
-    return total - embed.nbytes + batch * cfg.hidden_size * embed.dtype.itemsize
+    return total - size(embed) + batch * cfg.hidden_size * embed.dtype.itemsize
 
 
-def random_cache(cfg: ModelConfig, batch: int, max_len: int, dtype, retrieval_cfg=None, seed: int = 1) -> KVCache:
-    """A cache full of random values (never time on zeros), every layer its own buffer (the loop donates them)."""
+def random_cache(
+    cfg: ModelConfig, batch: int, max_len: int, dtype, retrieval_cfg=None, seed: int = 1, sharding=None
+) -> KVCache:
+    """A cache full of random values (never time on zeros), every layer its own buffer (the loop donates them).
+
+    `sharding`: where each [B, K, S, X] buffer lives (e.g. split on K over a tensor-parallel mesh); made in place."""
     # Shapes only: materialising the zero cache first would hold two caches at once (an OOM at large batch).
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype, retrieval_cfg))
     key = jax.random.key(seed)
-    base = _random(key, cache.k[0].shape, dtype) * 50.0  # ~N(0, 1)
-    scaled = jax.jit(lambda x, s: x * s)  # one tiny program, reused for every layer
+    base = jax.jit(lambda: _random(key, cache.k[0].shape, dtype) * 50.0, out_shardings=sharding)()  # ~N(0, 1)
+    scaled = jax.jit(lambda x, s: x * s, out_shardings=sharding)  # one tiny program, reused for every layer
     k = tuple(scaled(base, jnp.asarray(1.0 + 1e-3 * i, dtype)) for i in range(cfg.num_layers))
     v = tuple(scaled(base, jnp.asarray(1.0 - 1e-3 * i, dtype)) for i in range(cfg.num_layers))
-    codes = tuple(
-        None if c is None else jax.random.bits(jax.random.fold_in(key, i), c.shape, jnp.uint32)
-        for i, c in enumerate(cache.codes)
-    )
+    bits = jax.jit(lambda i, shape: jax.random.bits(jax.random.fold_in(key, i), shape, jnp.uint32),
+                   static_argnums=1, out_shardings=sharding)  # fmt: skip
+    codes = tuple(None if c is None else bits(i, c.shape) for i, c in enumerate(cache.codes))
     return KVCache(k, v, codes)
 
 
@@ -104,7 +110,12 @@ def time_decode_steps(
     hash_graphdef, hash_state = nnx.split(hashes) if hashes is not None else (None, None)
     tok = jnp.ones((batch,), jnp.int32)
     lengths = jnp.full((batch,), context, jnp.int32)
-    holder = {"cache": random_cache(cfg, batch, context + steps, model.dtype, rcfg)}
+    sharding = None
+    if rcfg.mesh is not None:  # tensor parallel: caches split on the KV-head axis
+        from spotlight_jax.parallel import cache_sharding
+
+        sharding = cache_sharding(rcfg.mesh)
+    holder = {"cache": random_cache(cfg, batch, context + steps, model.dtype, rcfg, sharding=sharding)}
     cache_bytes = holder["cache"].nbytes()
 
     def run_once():

@@ -36,32 +36,37 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--memory-fraction", type=float, default=0.85, help="share of the memory limit weights + caches use")
     p.add_argument("--name", default="generate_speed")
     p.add_argument("--profile", action="store_true", help="also print per-kernel device time per step (profiler)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism over this many GPUs (heads split)")
 
 
 def kv_bytes_per_token(cfg: ModelConfig, layers: int | None = None) -> int:
     return 2 * (layers if layers is not None else cfg.num_layers) * cfg.num_kv_heads * cfg.head_dim * 2  # bf16
 
 
-def largest_dense_batch(cfg: ModelConfig, context: int, weight_bytes: int, fraction: float) -> int:
-    """Largest batch whose bf16 KV cache fits beside the weights (and spotlight's code cache) in device memory."""
+def largest_dense_batch(cfg: ModelConfig, context: int, weight_bytes: int, fraction: float, tp: int = 1) -> int:
+    """Largest batch whose bf16 KV cache fits beside the weights (and spotlight's code cache) in device memory.
+
+    `weight_bytes`: what one device holds; with `tp` devices each holds 1 / tp of every sequence's caches."""
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         raise SystemExit("this allocator reports no memory limit: pass --batch explicitly")
     total = stats["bytes_limit"]
-    per_seq = context * (kv_bytes_per_token(cfg) + cfg.num_layers * cfg.num_kv_heads * 16)
+    per_seq = context * (kv_bytes_per_token(cfg) + cfg.num_layers * cfg.num_kv_heads * 16) / tp
     return max(1, int((fraction * total - weight_bytes) // per_seq))
 
 
-def step_roofline_bytes(cfg, method, batch, context, wbytes, rcfg: RetrievalConfig) -> tuple[int, dict]:
+def step_roofline_bytes(cfg, method, batch, context, wbytes, rcfg: RetrievalConfig, tp: int = 1) -> tuple[int, dict]:
+    """Bytes one device reads per step (`wbytes`: its weights; caches split over `tp` devices), and the parts (GB,
+    all devices)."""
     if method == "dense":
         kv = batch * context * kv_bytes_per_token(cfg)
-        return wbytes + kv, {"kv_read_GB": kv / 1e9}
+        return wbytes + kv // tp, {"kv_read_GB": kv / 1e9}
     sparse = [i for i in range(cfg.num_layers) if rcfg.is_sparse_layer(i)]
     dense_kv = batch * context * kv_bytes_per_token(cfg, cfg.num_layers - len(sparse))
     codes = batch * len(sparse) * cfg.num_kv_heads * context * rcfg.bits // 8
     selected = batch * rcfg.k_max(context) * kv_bytes_per_token(cfg, len(sparse))
     parts = {"kv_read_GB": (dense_kv + selected) / 1e9, "codes_read_GB": codes / 1e9}
-    return wbytes + dense_kv + codes + selected, parts
+    return wbytes + (dense_kv + codes + selected) // tp, parts
 
 
 def method_fields(spec: str) -> dict:
@@ -77,14 +82,22 @@ def run(args):
     cfg = ModelConfig.preset(args.model)
     model = random_model(cfg)
     hashes = HashStack(cfg, HashConfig(kind="spotlight", bits=args.bits), rngs=nnx.Rngs(0))
+    mesh = None
+    if args.tp > 1:
+        from spotlight_jax import parallel
+
+        mesh = parallel.tp_mesh(args.tp)
+        model, hashes = parallel.shard_model(model, mesh), parallel.shard_hashes(hashes, mesh)
+    per_dev = mesh is not None
     rows = []
     for ctx in args.context:
-        wbytes = weight_bytes_per_step(model, 1)
-        batches = args.batch or sorted({1, largest_dense_batch(cfg, ctx + args.steps, wbytes, args.memory_fraction)})
+        wbytes = weight_bytes_per_step(model, 1, per_device=per_dev)
+        fits = largest_dense_batch(cfg, ctx + args.steps, wbytes, args.memory_fraction, args.tp)
+        batches = args.batch or sorted({1, fits})
         print(f"context {ctx}: batches {batches}", flush=True)
         for batch in batches:
             for method in args.methods:
-                rcfg = RetrievalConfig(keep_ratio=args.keep_ratio, bits=args.bits, **method_fields(method))
+                rcfg = RetrievalConfig(keep_ratio=args.keep_ratio, bits=args.bits, mesh=mesh, **method_fields(method))
                 try:
                     res = time_decode_steps(
                         model, cfg, batch, ctx, args.steps, args.repeats, rcfg,
@@ -93,7 +106,8 @@ def run(args):
                 except Exception as e:  # noqa: BLE001 - an OOM at one size must not lose the other rows
                     print(f"{method} batch {batch} context {ctx}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
-                nbytes, parts = step_roofline_bytes(cfg, method, batch, ctx, weight_bytes_per_step(model, batch), rcfg)
+                wb = weight_bytes_per_step(model, batch, per_device=per_dev)
+                nbytes, parts = step_roofline_bytes(cfg, method, batch, ctx, wb, rcfg, args.tp)
                 step_ms = res["step_s"] * 1e3
                 rows.append({
                     "method": method, "context": ctx, "batch": batch, "step_ms": round(step_ms, 3),
@@ -112,4 +126,5 @@ def run(args):
             for r in rows:
                 if r["context"] == ctx and r["batch"] in dense and r["method"] != "dense":
                     r["speedup_vs_dense"] = round(r["tokens_per_s"] / dense[r["batch"]]["tokens_per_s"], 2)
-    print(write_results(args.name, rows, {"steps_per_program": args.steps, "model": args.model}))
+    meta = {"steps_per_program": args.steps, "model": args.model, "tp": args.tp}
+    print(write_results(args.name, rows, meta))
