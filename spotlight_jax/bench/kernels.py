@@ -56,7 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra hamming_topk settings 'block_s:T[:num_warps[:csa]];...', csa 1 | 0 | f<N> (<= N full adders)",
     )
     parser.add_argument("--attention-combines", default="kernel", help="split-k merges to compare: atomic,kernel,xla")
-    parser.add_argument("--profile", action="store_true", help="print per-kernel device times (profiler)")
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also report device time per call (profiler): at batch 1 the wall time per call is bound by the host's "
+        "launch rate (~9-10 us above the kernels), the device time is what a decode step pays",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default experiments/results/kernels_<device>.json)")
 
 
