@@ -326,6 +326,19 @@ def merge_partials_call(o, m, l_sum, out_dtype, *, num_warps: int = 4, interpret
     )(o, m, l_sum)
 
 
+def qkv_row_blocks(q, k_cache, v_cache):
+    """Per-row views of a decode step's inputs and their blocks for program (r, c) of a (BK, C) grid.
+
+    q [B, N, H], k / v caches [B, K, S, H] -> ((q [BK, G, H], k [BK, S, H], v [BK, S, H]), [their BlockSpecs]):
+    row r = b * K + k sees its G query heads and its whole cache rows (no copy: reshapes of contiguous arrays).
+    """
+    b, n, h = q.shape
+    kv, s = k_cache.shape[1], k_cache.shape[2]
+    bk, g = b * kv, n // kv
+    arrays = (q.reshape(bk, g, h), k_cache.reshape(bk, s, h), v_cache.reshape(bk, s, h))
+    return arrays, [_row_spec(g, h), _row_spec(s, h), _row_spec(s, h)]
+
+
 def split_k_attention(
     body,
     inputs,

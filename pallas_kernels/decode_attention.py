@@ -57,6 +57,7 @@ from pallas_kernels._common import (
     default_interpret,
     next_pow2,
     online_softmax_step,
+    qkv_row_blocks,
     resolve_implementation,
     softmax_init,
     split_k_attention,
@@ -170,15 +171,11 @@ def decode_attention_pallas(
         scale=scale,
         window=None if window is None else int(window),
     )
+    rows, row_specs = qkv_row_blocks(q, k_cache, v_cache)
     out = split_k_attention(
         body,
-        (lengths.astype(jnp.int32), q.reshape(bk, g, h), k_cache.reshape(bk, s, h), v_cache.reshape(bk, s, h)),
-        [
-            pl.BlockSpec((1,), lambda r, c: (r // kv,)),  # lengths[b] of row r = b * K + k
-            pl.BlockSpec((None, g, h), lambda r, c: (r, 0, 0)),
-            pl.BlockSpec((None, s, h), lambda r, c: (r, 0, 0)),
-            pl.BlockSpec((None, s, h), lambda r, c: (r, 0, 0)),
-        ],
+        (lengths.astype(jnp.int32), *rows),
+        [pl.BlockSpec((1,), lambda r, c: (r // kv,)), *row_specs],  # lengths[b] of row r = b * K + k
         grid=(bk, num_splits),
         group=g,
         head_dim=h,

@@ -45,6 +45,7 @@ from pallas_kernels._common import (
     next_pow2,
     online_softmax_step,
     prev_pow2,
+    qkv_row_blocks,
     resolve_implementation,
     softmax_init,
     split_k_attention,
@@ -122,7 +123,7 @@ def sparse_decode_attention_rows(
     ``combine``: "atomic" | "kernel" | "xla", how the chunks' partials are merged (module docstring).
     """
     b, n, h = q.shape
-    kv, s = k_cache.shape[1], k_cache.shape[2]
+    kv = k_cache.shape[1]
     g, bk, num_slots = n // kv, b * kv, indices.shape[1]
     block_t = min(block_t, max(16, next_pow2(num_slots)))
     if chunk is None:
@@ -143,16 +144,11 @@ def sparse_decode_attention_rows(
     mask_spec = (
         pl.BlockSpec((1,), lambda r, c: (r,)) if count_mask else pl.BlockSpec((None, num_slots), lambda r, c: (r, 0))
     )
+    rows, row_specs = qkv_row_blocks(q, k_cache, v_cache)
     out = split_k_attention(
         body,
-        (q.reshape(bk, g, h), k_cache.reshape(bk, s, h), v_cache.reshape(bk, s, h), indices, mask),
-        [
-            pl.BlockSpec((None, g, h), lambda r, c: (r, 0, 0)),
-            pl.BlockSpec((None, s, h), lambda r, c: (r, 0, 0)),
-            pl.BlockSpec((None, s, h), lambda r, c: (r, 0, 0)),
-            pl.BlockSpec((None, num_slots), lambda r, c: (r, 0)),
-            mask_spec,
-        ],
+        (*rows, indices, mask),
+        [*row_specs, pl.BlockSpec((None, num_slots), lambda r, c: (r, 0)), mask_spec],
         grid=(bk, num_chunks),
         group=g,
         head_dim=h,
