@@ -187,6 +187,17 @@ def _thermometer(
     return lax.shift_left(jnp.ones_like(b), b) - 1
 
 
+def _full_adder(a, b, c):
+    """Per bit a + b + c = sum + 2 * carry: (a ^ b ^ c, majority(a, b, c))."""
+    ab = a ^ b
+    return ab ^ c, (a & b) | (c & ab)
+
+
+def _half_adder(a, b):
+    """Per bit a + b = sum + 2 * carry: (a ^ b, a & b)."""
+    return a ^ b, a & b
+
+
 def _bitsliced_add(
     counters,  # tuple of L [Q] int32: bit j of counters[l] = bit l of lane's count for threshold j
     masks,  # list of [Q] int32 masks, weight 1
@@ -199,14 +210,10 @@ def _bitsliced_add(
         col = cols[lv]
         while len(col) > 1:
             if len(col) >= 3:
-                a, b, c = col.pop(0), col.pop(0), col.pop(0)
-                ab = a ^ b
-                col.append(ab ^ c)
-                carry = (a & b) | (c & ab)
+                total, carry = _full_adder(col.pop(0), col.pop(0), col.pop(0))
             else:
-                a, b = col.pop(0), col.pop(0)
-                col.append(a ^ b)
-                carry = a & b
+                total, carry = _half_adder(col.pop(0), col.pop(0))
+            col.append(total)
             if lv + 1 < levels:
                 cols[lv + 1].append(carry)
     return tuple(c[0] for c in cols)
@@ -337,12 +344,7 @@ def _query_planes(
     num_planes: int,
 ):
     """Bit-sliced sum of the group's query words: planes[p] holds bit p of the per-bit count c_b."""
-    planes = [jnp.zeros((q_ref.shape[1],), jnp.int32) for _ in range(num_planes)]
-    for j in range(group):
-        carry = q_ref[j, :]  # [W]
-        for p in range(num_planes):
-            planes[p], carry = planes[p] ^ carry, planes[p] & carry
-    return planes
+    return _bitsliced_count([q_ref[j, :] for j in range(group)], num_planes)  # [W] each
 
 
 def _bitsliced_count(words, num_planes: int):
@@ -451,14 +453,13 @@ def csa_compress(columns, *, costs=CSA_COSTS, max_full_adders: int | None = None
     for e, (col, step) in enumerate(zip(cols, plan, strict=True)):
         carries = []
         for _ in range(step.full):
-            a, b, c = col.pop(0), col.pop(0), col.pop(0)
-            ab = a ^ b
-            col.append(ab ^ c)
-            carries.append((a & b) | (c & ab))
+            total, carry = _full_adder(col.pop(0), col.pop(0), col.pop(0))
+            col.append(total)
+            carries.append(carry)
         if step.half:
-            a, b = col
-            col = [a ^ b]
-            carries.append(a & b)
+            total, carry = _half_adder(*col)
+            col = [total]
+            carries.append(carry)
         if carries:
             cols[e + 1].extend(carries)
         out.extend((e, x) for x in col)
