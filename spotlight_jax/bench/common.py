@@ -68,15 +68,26 @@ def profile_kernels(run: Callable[[], object], label: str, per: int = 1, top: in
         e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
     }
     tot, cnt = defaultdict(float), defaultdict(int)
+    spans = defaultdict(list)  # per GPU process: (start, end) of its kernels
     for e in events:
         if e.get("ph") == "X" and "gpu" in pnames.get(e.get("pid"), "").lower() and "dur" in e:
             tot[e["name"]] += e["dur"]
             cnt[e["name"]] += 1
+            spans[e["pid"]].append((e["ts"], e["ts"] + e["dur"]))
     if not tot:
         print("    no GPU kernels in the trace; processes:", sorted(set(pnames.values()))[:10])
         return None
     total = sum(tot.values()) / per
     print(f"    [profile {label}] device us/unit: {total:.1f} ({sum(cnt.values()) / per:.0f} kernels)")
+    if len(spans) > 1:  # several GPUs: the sum above adds them; busy (union of kernel intervals) vs span per GPU
+        for pid, iv in sorted(spans.items()):
+            iv.sort()
+            busy, end = 0.0, float("-inf")
+            for a, b in iv:
+                busy += max(0.0, b - max(a, end))
+                end = max(end, b)
+            span = iv[-1][1] - iv[0][0]
+            print(f"      {pnames[pid][:40]}: busy {busy / per:.1f} us of a {span / per:.1f} us span per unit")
     for name, t in sorted(tot.items(), key=lambda kv: -kv[1])[:top]:
         print(f"      {t / per:8.2f} us  x{cnt[name] / per:.1f}  {name[:90]}")
     return total, {name: round(t / per, 2) for name, t in tot.items()}

@@ -98,7 +98,7 @@ def decode_loop(graphdef, state, hash_graphdef, hash_state, cache, tok, lengths,
 
 
 def time_decode_steps(
-    model, cfg, batch, context, steps, repeats, retrieval_cfg=None, hashes=None, profile: bool = False
+    model, cfg, batch, context, steps, repeats, retrieval_cfg=None, hashes=None, profile: bool = False, top: int = 16
 ) -> dict:
     """Median seconds per decode step at `context` live tokens (cache sized context + steps).
 
@@ -138,7 +138,7 @@ def time_decode_steps(
     prof = None
     if profile:
         try:
-            prof = profile_kernels(run_once, f"{rcfg.method} B{batch} {context}", per=steps, top=16)
+            prof = profile_kernels(run_once, f"{rcfg.method} B{batch} {context}", per=steps, top=top)
         except Exception as e:  # noqa: BLE001 - profiling is best effort
             print(f"    profile failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     holder.clear()  # free the cache before the next configuration allocates its own

@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--memory-fraction", type=float, default=0.85, help="share of the memory limit weights + caches use")
     p.add_argument("--name", default="generate_speed")
     p.add_argument("--profile", action="store_true", help="also print per-kernel device time per step (profiler)")
+    p.add_argument("--profile-top", type=int, default=16, help="kernels listed per profile")
     p.add_argument("--tp", type=int, default=1, help="tensor parallelism over this many GPUs (heads split)")
 
 
@@ -102,6 +103,7 @@ def run(args):
                     res = time_decode_steps(
                         model, cfg, batch, ctx, args.steps, args.repeats, rcfg,
                         hashes if rcfg.method in ("spotlight", "linear") else None, profile=args.profile,
+                        top=args.profile_top,
                     )  # fmt: skip
                 except Exception as e:  # noqa: BLE001 - an OOM at one size must not lose the other rows
                     print(f"{method} batch {batch} context {ctx}: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -120,7 +122,7 @@ def run(args):
                     "xla_temp_GB": round(res["temp_bytes"] / 1e9, 2),
                 })  # fmt: skip
                 if res.get("profile"):  # kernel time without the gaps between kernels
-                    rows[-1]["device_ms"] = round(res["profile"][0] / 1e3, 3)
+                    rows[-1]["device_ms"] = round(res["profile"][0] / 1e3 / args.tp, 3)  # per GPU
                 print(rows[-1], flush=True)
             dense = {r["batch"]: r for r in rows if r["method"] == "dense" and r["context"] == ctx}
             for r in rows:
