@@ -857,6 +857,7 @@ def _hamming_scores_pallas(q_codes, k_codes, *, sub=1024, num_warps=4, csa=True,
         "num_thresholds",
         "num_warps",
         "max_blocks",
+        "target_programs",
         "chunks",
         "pass1_depth",
         "depth",
@@ -877,6 +878,7 @@ def hamming_topk_rows(
     num_thresholds: int = 32,
     num_warps: int = 8,
     max_blocks: int = 64,
+    target_programs: int = 528,
     chunks: int = 4,
     pass1_depth: int | None = PASS1_DEPTH,
     depth: int = SCORE_DEPTH,
@@ -891,6 +893,7 @@ def hamming_topk_rows(
     ``block_s / chunks`` tokens; 1 token per thread and chunk at block_s = chunks * 32 * num_warps).
     ``pass1_depth`` / ``depth``: steps whose loads are in flight together in pass 1 / in the refine and
     compaction passes (powers of two; 1 = one-step prefetch, as before; None = automatic for pass 1).
+    ``max_blocks`` / ``target_programs``: the grid's blocks per row and the programs it aims for (``plan_spans``).
     ``score_lanes``: at most this many scores per thread and step are folded into one counter lane /
     ranked in-thread (1 = one lane per score and one block-wide scan per step, as before).
     ``csa``: pass 1 scores each token with one carry-save tree over all its words and planes (``_csa_scores``);
@@ -906,7 +909,7 @@ def hamming_topk_rows(
     bk, bits = b * kv, 32 * w
     t = num_thresholds
     t_real = min(t, 31)  # column 31 of a 32-wide count table stays 0 (masks have 31 usable bits)
-    sub, span, nb = plan_spans(s, bk, block_s, max_blocks)
+    sub, span, nb = plan_spans(s, bk, block_s, max_blocks, target_programs)
     chunks = min(chunks, sub)
     # Refine / compact stream 2-byte scores: wider steps (2 * sub tokens, one 16-byte load per thread).
     sub2 = min(span, 2 * sub)

@@ -33,6 +33,7 @@ from spotlight_jax.bench.common import profile_kernels
 MODELS = {  # name: (query heads N, KV heads K, head_dim H)
     "qwen2.5-7b": (28, 4, 128),
     "llama-3-8b": (32, 8, 128),
+    "qwen2.5-7b-tp2": (14, 2, 128),  # one GPU's heads under 2-way tensor parallelism
 }
 L2_BYTES = 50 * 2**20
 
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--topk-variants",
         default="",
-        help="extra hamming_topk settings 'block_s:T[:num_warps[:csa]];...', csa 1 | 0 | f<N> (<= N full adders)",
+        help="extra hamming_topk settings, ';'-separated: 'block_s:T[:num_warps[:csa]]' (csa 1 | 0 | f<N>) or keyed "
+        "'bs=1024,T=32,w=8,mb=128,d1=2,d=2' (mb max_blocks, P target_programs, d1 / d pass-1 / later-pass depth)",
     )
     parser.add_argument("--attention-combines", default="kernel", help="split-k merges to compare: atomic,kernel,xla")
     parser.add_argument(
@@ -70,14 +72,45 @@ PROFILE = False
 LAST_PROFILE = None  # (device us per call, {kernel: us per call}) of the last profiled timing
 
 
-def _topk_variant(spec: str) -> tuple[int, int, int, bool, int | None]:
-    """'block_s:T[:num_warps[:csa]]' -> (block_s, T, num_warps, csa, csa_full_adders); csa '1', '0' or 'f<N>'."""
+TOPK_KEYS = {  # short name in a --topk-variants spec -> hamming_topk_rows keyword
+    "bs": "block_s",
+    "T": "num_thresholds",
+    "w": "num_warps",
+    "csa": "csa",
+    "fa": "csa_full_adders",
+    "mb": "max_blocks",
+    "P": "target_programs",
+    "d1": "pass1_depth",
+    "d": "depth",
+}
+TOPK_DEFAULT = {"block_s": 1024, "num_thresholds": 32, "num_warps": 8}
+
+
+def _topk_variant(spec: str) -> dict:
+    """A hamming_topk_rows setting: 'block_s:T[:num_warps[:csa]]' (csa '1', '0' or 'f<N>' = <= N full adders) or
+    keyed 'bs=1024,T=32,w=8,csa=1,fa=4,mb=128,d1=2,d=2' (mb: max_blocks, P: target programs, d1 / d: pass-1 /
+    later-pass depth)."""
+    if "=" in spec:
+        kw = dict(TOPK_DEFAULT)
+        for item in spec.split(","):
+            key, val = item.split("=")
+            if key not in TOPK_KEYS:
+                raise SystemExit(f"unknown top-k variant key {key!r} in {spec!r}; known: {', '.join(TOPK_KEYS)}")
+            kw[TOPK_KEYS[key]] = bool(int(val)) if key == "csa" else int(val)
+        return kw
     bs, t, *rest = spec.split(":")
-    nw = int(rest[0]) if rest else 8
+    kw = {"block_s": int(bs), "num_thresholds": int(t), "num_warps": int(rest[0]) if rest else 8}
     c = rest[1] if len(rest) > 1 else "1"
     if c.startswith("f"):
-        return int(bs), int(t), nw, True, int(c[1:])
-    return int(bs), int(t), nw, c != "0", None
+        kw["csa_full_adders"] = int(c[1:])
+    elif c == "0":
+        kw["csa"] = False
+    return kw
+
+
+def _variant_name(kw: dict) -> str:
+    short = {v: k for k, v in TOPK_KEYS.items()}
+    return ",".join(f"{short[k]}={int(v)}" for k, v in kw.items())
 
 
 def _median_call_us(fn, arg_sets, reps: int, label: str = "", min_calls: int = 64) -> float:
@@ -194,15 +227,9 @@ def run(args: argparse.Namespace) -> dict:
                 topk_sets = [(qcodes[i], codes[i % ncodes], lengths, budget) for i in range(calls)]
                 topk_bytes = code_bytes + b * kv * k * 4
                 if "topk" in ops or "spotlight" in ops:
-                    for bs, t, nw, csa, fa in [(1024, 32, 8, True, None)] + variants:
-                        fn = lambda q, c, ln, bu, bs=bs, t=t, nw=nw, csa=csa, fa=fa: hamming_topk_rows(
-                            q, c, ln, bu, k=k, block_s=bs, num_thresholds=t, num_warps=nw, csa=csa, csa_full_adders=fa
-                        )[0]
-                        name = (
-                            f"bs={bs},T={t},w={nw}"
-                            + ("" if csa else ",csa=0")
-                            + (f",fa={fa}" if fa is not None else "")
-                        )
+                    for kw in [dict(TOPK_DEFAULT)] + variants:
+                        fn = lambda q, c, ln, bu, kw=kw: hamming_topk_rows(q, c, ln, bu, k=k, **kw)[0]
+                        name = _variant_name(kw)
                         try:
                             us = _median_call_us(fn, topk_sets, args.reps, f"topk {name}")
                         except Exception as e:  # noqa: BLE001 - report, keep benchmarking
