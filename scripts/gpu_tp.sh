@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tensor-parallel decode on a multi-GPU machine (e.g. the device tool's nvidia-h200-x2):
 #   TP=2 scripts/gpu_tp.sh            dense vs spotlight at 128K, batch 1 and the largest dense batch, per-kernel profile
-#   TP=2 BATCH="24 28" scripts/gpu_tp.sh   explicit batches (METHODS, CONTEXT, MEM_FRACTION likewise)
+#   TP=2 BATCH="24 28" scripts/gpu_tp.sh   explicit batches (METHODS, CONTEXT, STEPS, MEM_FRACTION likewise)
 # Results land in $OUT (device tool) or experiments/results/ as generate_tp<N>.{json,md} plus the log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ mkdir -p "$dest"
 tp="${TP:-2}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -m spotlight_jax.bench generate --tp "$tp" --context ${CONTEXT:-131072} ${BATCH:+--batch $BATCH} --methods ${METHODS:-dense spotlight} \
-  --steps 8 --repeats 3 --profile --name "generate_tp$tp" 2>&1 | grep --line-buffered -v -i -E "warn|slow_op" \
+  --steps ${STEPS:-8} --repeats 3 --profile --name "generate_tp$tp" 2>&1 | grep --line-buffered -v -i -E "warn|slow_op" \
   | tee "$dest/generate_tp$tp.log"
 rc=${PIPESTATUS[0]}
 [ "$dest" != experiments/results ] && cp experiments/results/generate_tp"$tp".* "$dest"/ 2>/dev/null
