@@ -45,11 +45,18 @@ class LossConfig:
     # code similarity. "group" (what decoding selects): per KV head, T_i = top keys by the group-summed softmax
     # (the recall oracle), draft = the group-summed code similarity (the decoder's score).
     targets: str = "head"
+    # Weight of a top key t in its query's pairs: p_t ** top_weight_power, normalised to mean 1 over the query's
+    # sampled top keys, with p the true attention (the head's softmax; group targets: the group-summed softmax).
+    # 0 = every top key counts the same (the paper). > 0 puts the keys that carry attention mass first, e.g. the
+    # attention sink, which holds ~23 % of SmolLM2's attention and whose loss costs the most perplexity.
+    top_weight_power: float = 0.0
     query_chunk: int = 128  # queries per pairwise chunk (bounds the [chunk, P, O] pair tensor; rematerialised)
 
     def __post_init__(self):
         if self.targets not in ("head", "group"):
             raise ValueError(f"targets must be 'head' or 'group', got {self.targets!r}")
+        if not self.top_weight_power >= 0:
+            raise ValueError(f"top_weight_power must be >= 0, got {self.top_weight_power}")
 
 
 def oracle_top_counts(q_pos: jax.Array, keep_ratio: float, min_top: int = 1) -> jax.Array:
@@ -159,17 +166,16 @@ def _chunked(fn, arrays, chunk: int):
     return jax.tree.map(lambda x: x.reshape((r + pad,) + x.shape[2:])[:r], out)
 
 
-def _pair_terms(st, tv, so, ov, beta, margin):
+def _pair_terms(st, tw, so, ov, beta, margin):
     d = beta * (st[:, :, None] - so[:, None, :]) - margin  # [r, P, O]
-    w = tv[:, :, None] & ov[:, None, :]
+    w = tw[:, :, None] * ov[:, None, :].astype(jnp.float32)  # top weight (0 = invalid) x other validity
     return d, w
 
 
-def _bt_forward_rows(st, tv, so, ov, beta, margin):
-    d, w = _pair_terms(st, tv, so, ov, beta, margin)
+def _bt_forward_rows(st, tw, so, ov, beta, margin):
+    d, wf = _pair_terms(st, tw, so, ov, beta, margin)
     # -log sigmoid(d) = softplus(-d), written out so XLA fuses it into one pass over the pairs.
     nll = jnp.maximum(-d, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(d)))
-    wf = w.astype(jnp.float32)
     diff = st[:, :, None] - so[:, None, :]
     wrong = jnp.where(diff < 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
     return jnp.sum(nll * wf, axis=(1, 2)), jnp.sum(wrong * wf, axis=(1, 2)), jnp.sum(wf, axis=(1, 2))
@@ -191,7 +197,7 @@ def _bt_sums_bwd(beta, margin, chunk, res, cts):
 
     def rows(st, tv, so, ov, c):
         d, w = _pair_terms(st, tv, so, ov, beta, margin)
-        g = jnp.where(w, -jax.nn.sigmoid(-d), 0.0) * (beta * c)[:, None, None]  # d(loss)/d(s_t - s_o)
+        g = w * -jax.nn.sigmoid(-d) * (beta * c)[:, None, None]  # d(loss)/d(s_t - s_o)
         return jnp.sum(g, axis=2), -jnp.sum(g, axis=1)
 
     d_top, d_other = _chunked(rows, (s_top, t_valid, s_other, o_valid, ct), chunk)
@@ -204,12 +210,14 @@ _bt_sums.defvjp(_bt_sums_fwd, _bt_sums_bwd)
 def pairwise_bt(s_top, t_valid, s_other, o_valid, beta: float = 1.0, margin: float = 0.0, chunk: int = 0):
     """Per-query Bradley–Terry sums from gathered draft scores, with a hand-written VJP (no pair tensor is stored).
 
-    s_top: [R, P], t_valid: bool [R, P], s_other: [R, O], o_valid: bool [R, O] (R = any flattened rows)
-    -> (loss_sum [R] over valid pairs, wrong [R] mis-ordered pairs (ties count 1/2), pairs [R])
+    s_top: [R, P], t_valid: bool [R, P] or float top weights (0 = invalid), s_other: [R, O], o_valid: bool [R, O]
+    (R = any flattened rows) -> (loss_sum [R], wrong [R] mis-ordered pairs (ties count 1/2), pairs [R]), each pair
+    counted with its top key's weight.
     """
     return _bt_sums(
-        s_top.astype(jnp.float32), t_valid, s_other.astype(jnp.float32), o_valid, float(beta), float(margin), int(chunk)
-    )
+        s_top.astype(jnp.float32), t_valid.astype(jnp.float32), s_other.astype(jnp.float32), o_valid, float(beta),
+        float(margin), int(chunk),
+    )  # fmt: skip
 
 
 def bradley_terry_loss(
@@ -237,11 +245,20 @@ def bradley_terry_loss(
 
     kk = k.shape[1]
     logits = causal_logits(q_sel, k, q_pos)  # [B, N, Q, S]
+    probs = None  # true attention [B, N or K, Q, S], where a loss option needs it
     if cfg.targets == "group":  # rank by the group-summed softmax, as the oracle the decoder is measured against
         probs = jax.nn.softmax(logits / math.sqrt(q.shape[3]), axis=-1).reshape(b, kk, n // kk, *logits.shape[2:])
-        logits = jnp.where(jnp.isfinite(logits[:, :: n // kk]), jnp.sum(probs, axis=2), -jnp.inf)  # [B, K, Q, S]
+        probs = jnp.sum(probs, axis=2)  # [B, K, Q, S]
+        logits = jnp.where(jnp.isfinite(logits[:, :: n // kk]), probs, -jnp.inf)
+    elif cfg.top_weight_power:
+        probs = jax.nn.softmax(logits / math.sqrt(q.shape[3]), axis=-1)  # [B, N, Q, S]
     top_idx, top_valid, in_top = oracle_top_sets(logits, q_pos[:, None, :], cfg.keep_ratio, cfg.min_top)
     t_idx, t_valid, o_idx, o_valid = sample_pair_keys(ks, q_pos, top_idx, top_valid, in_top, cfg)
+    t_weight = t_valid
+    if cfg.top_weight_power:  # attention-mass weights of the top keys, mean 1 over each query's valid ones
+        pw = jnp.where(t_valid, jnp.take_along_axis(probs, t_idx, axis=-1) ** cfg.top_weight_power, 0.0)
+        count = jnp.sum(t_valid, axis=-1, keepdims=True)
+        t_weight = pw * count / jnp.maximum(jnp.sum(pw, axis=-1, keepdims=True), 1e-30)
     n_hard = round(cfg.hard_other_fraction * o_idx.shape[-1])
     if n_hard:  # replace the last n_hard uniform others by near misses
         h_idx, h_valid = near_miss_keys(jax.random.fold_in(ks, 1), logits, top_valid, n_hard, cfg.hard_span)
@@ -260,7 +277,7 @@ def bradley_terry_loss(
 
     flat = lambda x: x.reshape(-1, x.shape[-1])
     loss_sum, wrong, pairs = pairwise_bt(
-        flat(s_top), flat(t_valid), flat(s_other), flat(o_valid), cfg.beta, cfg.margin, cfg.query_chunk
+        flat(s_top), flat(t_weight), flat(s_other), flat(o_valid), cfg.beta, cfg.margin, cfg.query_chunk
     )
     has = pairs > 0
     per_query = jnp.where(has, loss_sum / jnp.maximum(pairs, 1.0), 0.0)

@@ -86,6 +86,11 @@ class TrainConfig:
         "what is ranked: 'head' (paper: per query head by its logit) or 'group' (per KV head by the "
         "group-summed softmax, against the group-summed code similarity: what decoding selects)",
     )
+    top_weight_power: float = _f(
+        0.0,
+        "weight each top key by its true attention ** this (mean 1 per query; 0 = uniform, the paper): puts the "
+        "keys that carry attention mass, such as the attention sink, first",
+    )
     query_chunk: int = _f(512, "rows per chunk of the pairwise loss (memory bound)")
     # --- optimisation ---
     steps_per_layer: int = _f(120, "optimizer steps per layer")
@@ -123,7 +128,7 @@ class TrainConfig:
             gamma=self.gamma, beta=self.beta, margin=self.margin, keep_ratio=self.keep_ratio,
             max_queries=self.max_queries, max_top=self.max_top, max_other=self.max_other,
             hard_other_fraction=self.hard_other_fraction, min_query_position=self.min_query_position,
-            query_chunk=self.query_chunk, targets=self.targets,
+            query_chunk=self.query_chunk, targets=self.targets, top_weight_power=self.top_weight_power,
         )  # fmt: skip
 
     @property
@@ -138,7 +143,7 @@ class TrainConfig:
     TRAINING_FIELDS = (
         "bits", "hidden", "num_mlp_layers", "residual", "init_scale", "separate_query_mlp", "dense_layers", "layers",
         "gamma", "beta", "margin", "keep_ratio", "max_queries", "max_top", "max_other", "hard_other_fraction",
-        "min_query_position", "targets",
+        "min_query_position", "targets", "top_weight_power",
         "steps_per_layer", "batch_size", "lr", "b1", "b2", "weight_decay", "warmup_ratio", "grad_clip", "seed",
     )  # fmt: skip
 

@@ -46,11 +46,12 @@ def _np_softmax(x):
     return e / np.sum(e)
 
 
-def _np_loss(q, k, ws, bs, keep_ratio, gamma, beta, margin=0.0, targets="head"):
+def _np_loss(q, k, ws, bs, keep_ratio, gamma, beta, margin=0.0, targets="head", power=0.0):
     """Direct NumPy Bradley–Terry loss over every query, every exact (top, other) pair; also the ranking error.
 
     targets="head": one ranking per query head (its logits, its code similarity); "group": one per KV head (the
-    group-summed softmax, the group-summed code similarity)."""
+    group-summed softmax, the group-summed code similarity). power > 0: a pair counts with weight p_t ** power of its
+    top key (p: the head's softmax, or the group-summed one), normalised to mean 1 over the query's top keys."""
     softsign = lambda x: x / (1 + np.abs(x))
     per_query, wrong, pairs = [], 0.0, 0
     for b in range(B):
@@ -71,10 +72,13 @@ def _np_loss(q, k, ws, bs, keep_ratio, gamma, beta, margin=0.0, targets="head"):
                     continue
                 s = sum(ks[: i + 1] @ x[i] for x in qs)
                 d = beta * (s[top][:, None] - s[other][None, :]) - margin
-                per_query.append(np.mean(np.logaddexp(0.0, -d)))
+                probs = sum(_np_softmax(x / math.sqrt(H)) for x in logits)
+                w = probs[top] ** power if power else np.ones(len(top))
+                w = np.broadcast_to((w / w.mean())[:, None], d.shape)
+                per_query.append(np.sum(w * np.logaddexp(0.0, -d)) / np.sum(w))
                 diff = s[top][:, None] - s[other][None, :]
-                wrong += np.sum(diff < 0) + 0.5 * np.sum(diff == 0)
-                pairs += diff.size
+                wrong += np.sum(w * (diff < 0)) + 0.5 * np.sum(w * (diff == 0))
+                pairs += np.sum(w)
     return float(np.mean(per_query)), wrong / pairs
 
 
@@ -110,8 +114,11 @@ def test_loss_matches_numpy(setup):
     np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-6)
 
 
-def test_gradient_matches_numpy(setup):
+@pytest.mark.parametrize("power", [0.0, 0.7])
+def test_gradient_matches_numpy(setup, power):
+    """The hand-written VJP against central differences of the NumPy loss (also with attention-weighted tops)."""
     q, k, h, cfg = setup
+    cfg = LossConfig(**{**cfg.__dict__, "top_weight_power": power})
     q_pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     graphdef, params = nnx.split(h, nnx.Param)
 
@@ -134,7 +141,7 @@ def test_gradient_matches_numpy(setup):
             tree = jax.tree.unflatten(treedef, shifted)
             ws = [np.asarray(tree["key_mlp"]["weights"][i]) for i in range(2)]
             bs = [np.asarray(tree["key_mlp"]["biases"][i]) for i in range(2)]
-            return _np_loss(q, k, ws, bs, cfg.keep_ratio, cfg.gamma, cfg.beta)[0]
+            return _np_loss(q, k, ws, bs, cfg.keep_ratio, cfg.gamma, cfg.beta, power=power)[0]
 
         numeric = (np_f(1) - np_f(-1)) / (2 * eps)
         np.testing.assert_allclose(analytic, numeric, rtol=2e-3, atol=1e-6)
@@ -152,6 +159,25 @@ def test_oracle_top_sets():
         assert set(np.asarray(idx[r])[np.asarray(valid[r])].tolist()) == ref
         assert set(np.nonzero(np.asarray(in_top[r]))[0].tolist()) == ref
     np.testing.assert_array_equal(oracle_top_counts(jnp.array([0, 49, 50, 99]), 0.02), [1, 1, 2, 2])
+
+
+@pytest.mark.parametrize("targets", ["head", "group"])
+def test_attention_weighted_tops_match_numpy(setup, targets):
+    """top_weight_power: each pair counts with its top key's true attention ** power (mean 1 per query)."""
+    q, k, h, cfg = setup
+    cfg = LossConfig(**{**cfg.__dict__, "targets": targets, "top_weight_power": 0.7})
+    q_pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    loss, metrics = bradley_terry_loss(h, jnp.asarray(q), jnp.asarray(k), jax.random.key(0), cfg, q_pos=q_pos)
+    ref_loss, ref_err = _np_loss(
+        q, k, *_np_params(h), cfg.keep_ratio, cfg.gamma, cfg.beta, targets=targets, power=cfg.top_weight_power
+    )
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["ranking_error"]), ref_err, rtol=1e-5, atol=1e-6)
+    unweighted, _ = bradley_terry_loss(h, jnp.asarray(q), jnp.asarray(k), jax.random.key(0), LossConfig(
+        **{**cfg.__dict__, "top_weight_power": 0.0}), q_pos=q_pos)  # fmt: skip
+    assert abs(float(unweighted) - float(loss)) > 1e-4  # the weights change the loss
+    with pytest.raises(ValueError, match="top_weight_power"):
+        LossConfig(top_weight_power=-1.0)
 
 
 def test_group_targets_loss_matches_numpy(setup):
