@@ -228,7 +228,9 @@ def _reusable_activations(path: str, cfg: TrainConfig) -> bool:
     m = read_manifest(path)
     data = m.get("data") or {}
     expect = {"seq_len": (m.get("seq_len"), cfg.seq_len), "num_samples": (m.get("num_samples"), cfg.num_samples)}
-    if data:  # caches made by collect_activations without a data description skip these checks
+    if data.get("token_file"):  # made from a pre-tokenised .npz: its own description names the corpus, not the file
+        expect["dataset"] = (data["token_file"], os.path.basename(str(cfg.dataset)))
+    elif data:  # caches made by collect_activations without a data description skip these checks
         expect["dataset"] = (data.get("source"), cfg.dataset)
         expect["data_part"] = (data.get("part"), cfg.data_part)
     wrong = {k: v for k, v in expect.items() if v[0] != v[1]}

@@ -110,3 +110,24 @@ def test_cli_parsing(tmp_path):
     for name in ("smollm2-135m", "llama3-8b", "qwen2.5-7b"):
         TrainConfig.from_json(os.path.join(repo, "configs", f"{name}.json"))
     assert TrainConfig.from_json(os.path.join(repo, "configs", "smollm2-135m.json")) == TrainConfig()
+
+
+def test_activation_cache_from_token_file_is_reused(tmp_path):
+    """A cache collected from a pre-tokenised .npz is reused by the same command (no model needed the second time)
+    and refused for another dataset."""
+    from spotlight_jax.activations import ActivationCacheError
+    from spotlight_jax.data import save_samples
+    from spotlight_jax.model import CausalLM
+    from spotlight_jax.train import prepare_activations
+
+    npz = str(tmp_path / "train.npz")
+    samples = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 32)).astype(np.int32)
+    save_samples(npz, samples, {"source": "corpus.jsonl", "part": "train"})
+    cfg = _cfg(tmp_path / "run", dataset=npz, seq_len=32, num_samples=2, activations_dir=str(tmp_path / "acts"))
+    first = prepare_activations(cfg, model=CausalLM(TINY, rngs=nnx.Rngs(0)), tokenizer=object(), progress=False)
+    again = prepare_activations(cfg, progress=False)  # reused: would fail to load a model named by cfg.model
+    np.testing.assert_array_equal(np.asarray(first.get(2, [0, 1])[0]), np.asarray(again.get(2, [0, 1])[0]))
+    other = _cfg(tmp_path / "run", dataset=str(tmp_path / "other.npz"), seq_len=32, num_samples=2,
+                 activations_dir=str(tmp_path / "acts"))  # fmt: skip
+    with pytest.raises(ActivationCacheError, match="does not match"):
+        prepare_activations(other, progress=False)
