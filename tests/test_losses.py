@@ -89,7 +89,9 @@ def setup():
     # non-zero biases so they are exercised too
     for b in h.key_mlp.biases:
         b[...] = 0.1 * jax.random.normal(jax.random.key(3), b[...].shape)
-    cfg = LossConfig(gamma=0.7, beta=1.3, keep_ratio=0.1, max_queries=T, max_top=T, max_other=T, query_chunk=16)
+    cfg = LossConfig(
+        gamma=0.7, beta=1.3, keep_ratio=0.1, max_queries=T, max_top=T, max_other=T, query_chunk=16, top_weight_power=0.0
+    )
     return q, k, h, cfg
 
 
