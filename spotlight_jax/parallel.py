@@ -68,11 +68,16 @@ def check_divisible(cfg, tp: int) -> None:
         raise ValueError(f"{bad} not divisible by tp={tp}: pick a tp that divides the KV heads and the MLP width")
 
 
-def param_spec(path: tuple) -> P:
-    """PartitionSpec of one model parameter from its nnx path (replicated unless a rule matches)."""
+def param_spec(path: tuple, shape: tuple[int, ...] | None = None, tp: int = 1) -> P:
+    """PartitionSpec of one model parameter from its nnx path (replicated unless a rule matches).
+
+    The vocabulary split of lm_head is an optimisation, not a requirement: a vocabulary that `tp` does not divide
+    keeps lm_head replicated (heads and MLP width must divide: `check_divisible`)."""
     names = tuple(str(p) for p in path if not isinstance(p, int))
     for suffix, spec in _RULES.items():
         if names[-len(suffix) :] == suffix:
+            if suffix[0] == "lm_head" and shape is not None and shape[-1] % tp:
+                return P()
             return spec
     return P()
 
@@ -82,7 +87,7 @@ def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
     check_divisible(model.cfg, mesh.shape[AXIS])
     graphdef, state = nnx.split(model)
     flat = {
-        path: jax.device_put(leaf, NamedSharding(mesh, param_spec(path)))
+        path: jax.device_put(leaf, NamedSharding(mesh, param_spec(path, np.shape(leaf), mesh.shape[AXIS])))
         for path, leaf in nnx.to_flat_state(state)  # fmt: skip
     }
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -72,3 +72,14 @@ def test_tensor_parallel_decode_equals_one_device():
 def test_mesh_needs_a_tp_axis():
     with pytest.raises(ValueError, match="axis named 'tp'"):
         RetrievalConfig(method="spotlight", mesh=object())
+
+
+def test_lm_head_split_only_when_the_vocabulary_divides():
+    from jax.sharding import PartitionSpec as P
+
+    from spotlight_jax.parallel import param_spec
+
+    assert param_spec(("lm_head", "kernel"), (48, 256), 2) == P(None, "tp")
+    assert param_spec(("lm_head", "kernel"), (48, 256), 3) == P()  # replicated, not an error
+    assert param_spec(("layers", 3, "attn", "q_proj", "kernel"), (48, 96), 3) == P(None, "tp")
+    assert param_spec(("layers", 3, "input_norm", "scale"), (48,), 3) == P()
