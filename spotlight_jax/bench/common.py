@@ -81,16 +81,22 @@ def profile_kernels(run: Callable[[], object], label: str, per: int = 1, top: in
     print(f"    [profile {label}] device us/unit: {total:.1f} ({sum(cnt.values()) / per:.0f} kernels)")
     if len(spans) > 1:  # several GPUs: the sum above adds them; busy (union of kernel intervals) vs span per GPU
         for pid, iv in sorted(spans.items()):
-            iv.sort()
-            busy, end = 0.0, float("-inf")
-            for a, b in iv:
-                busy += max(0.0, b - max(a, end))
-                end = max(end, b)
-            span = iv[-1][1] - iv[0][0]
+            busy, span = busy_and_span(iv)
             print(f"      {pnames[pid][:40]}: busy {busy / per:.1f} us of a {span / per:.1f} us span per unit")
     for name, t in sorted(tot.items(), key=lambda kv: -kv[1])[:top]:
         print(f"      {t / per:8.2f} us  x{cnt[name] / per:.1f}  {name[:90]}")
     return total, {name: round(t / per, 2) for name, t in tot.items()}
+
+
+def busy_and_span(intervals) -> tuple[float, float]:
+    """(time covered by the union of [start, end) intervals, last end - first start): a GPU's kernel time without
+    double-counting overlapping streams, and the wall span it ran in."""
+    iv = sorted(intervals)
+    busy, end = 0.0, float("-inf")
+    for a, b in iv:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return busy, (iv[-1][1] - iv[0][0]) if iv else 0.0
 
 
 def time_jitted(fn: Callable, *args, repeats: int = 7, warmup: int = 1) -> list[float]:

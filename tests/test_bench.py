@@ -1,0 +1,47 @@
+"""The benchmark CLIs' pure parts: variant specs, roofline bytes, method modifiers, profile arithmetic (no timing)."""
+
+import pytest
+
+from spotlight_jax.bench.common import busy_and_span
+from spotlight_jax.bench.generate import kv_bytes_per_token, method_fields, step_roofline_bytes
+from spotlight_jax.bench.kernels import _topk_variant, _variant_name
+from spotlight_jax.config import ModelConfig, RetrievalConfig
+
+
+def test_topk_variant_specs():
+    assert _topk_variant("512:32:4") == {"block_s": 512, "num_thresholds": 32, "num_warps": 4}
+    assert _topk_variant("1024:32:8:0")["csa"] is False
+    assert _topk_variant("1024:32:8:f4")["csa_full_adders"] == 4
+    kw = _topk_variant("mb=128,P=1056,d=2,csa=0")
+    assert kw == {
+        "block_s": 1024, "num_thresholds": 32, "num_warps": 8, "max_blocks": 128, "target_programs": 1056, "depth": 2,
+        "csa": False,
+    }  # fmt: skip
+    assert _variant_name(kw) == "bs=1024,T=32,w=8,mb=128,P=1056,d=2,csa=0"
+    with pytest.raises(SystemExit, match="unknown top-k variant key 'x'"):
+        _topk_variant("x=1")
+
+
+def test_roofline_bytes_split_over_tensor_parallel_devices():
+    cfg = ModelConfig.preset("qwen2.5-7b")
+    ctx, batch, wbytes = 131072, 4, 10**9
+    dense1, parts = step_roofline_bytes(cfg, "dense", batch, ctx, wbytes, RetrievalConfig())
+    assert dense1 == wbytes + batch * ctx * kv_bytes_per_token(cfg)
+    dense2, _ = step_roofline_bytes(cfg, "dense", batch, ctx, wbytes, RetrievalConfig(), tp=2)
+    assert dense2 - wbytes == (dense1 - wbytes) // 2
+    rcfg = RetrievalConfig(method="spotlight")
+    sparse, parts = step_roofline_bytes(cfg, "spotlight", batch, ctx, wbytes, rcfg)
+    codes = batch * (cfg.num_layers - 2) * cfg.num_kv_heads * ctx * 16  # 128-bit codes of every sparse layer
+    assert parts["codes_read_GB"] == pytest.approx(codes / 1e9)
+    assert wbytes + codes < sparse < dense1 / 4  # dense layers' KV + codes + selected rows: far below dense
+
+
+def test_method_modifiers():
+    assert method_fields("spotlight+sink4") == {"method": "spotlight", "sink_tokens": 4}
+    with pytest.raises(SystemExit):
+        method_fields("spotlight+sideways3")
+
+
+def test_busy_and_span_counts_overlap_once():
+    assert busy_and_span([(0, 10), (5, 15), (20, 30)]) == (25.0, 30)
+    assert busy_and_span([]) == (0.0, 0.0)
