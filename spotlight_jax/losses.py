@@ -48,9 +48,10 @@ class LossConfig:
     # Weight of a top key t in its query's pairs: p_t ** top_weight_power, normalised to mean 1 over the query's
     # sampled top keys, with p the true attention (the head's softmax; group targets: the group-summed softmax).
     # 0 = every top key counts the same (the paper). > 0 puts the keys that carry attention mass first, e.g. the
-    # attention sink, which holds ~23 % of SmolLM2's attention and whose loss costs the most perplexity. Default 1:
-    # SmolLM2's decode-path perplexity +14.6 % instead of +33.3 % (a = 0), recall@2 % unchanged (README, NOTES.md).
-    top_weight_power: float = 1.0
+    # attention sink, which holds ~23 % of SmolLM2's attention and whose loss costs the most perplexity: with 16 x 8K
+    # samples a = 1 gave decode-path perplexity +14.6 % instead of +33.3 %, recall@2 % unchanged; with the CPU default
+    # run's 12 x 2K samples it cost recall (0.634 -> 0.602). Default 0 (the paper); README has the figures.
+    top_weight_power: float = 0.0
     query_chunk: int = 128  # queries per pairwise chunk (bounds the [chunk, P, O] pair tensor; rematerialised)
 
     def __post_init__(self):

@@ -87,9 +87,10 @@ class TrainConfig:
         "group-summed softmax, against the group-summed code similarity: what decoding selects)",
     )
     top_weight_power: float = _f(
-        1.0,
+        0.0,
         "weight each top key by its true attention ** this (mean 1 per query; 0 = uniform, the paper): puts the "
-        "keys that carry attention mass, such as the attention sink, first (1: measured best on SmolLM2)",
+        "keys that carry attention mass, such as the attention sink, first (1: best decode perplexity on SmolLM2 "
+        "with 8K-token samples)",
     )
     query_chunk: int = _f(512, "rows per chunk of the pairwise loss (memory bound)")
     # --- optimisation ---

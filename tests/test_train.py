@@ -134,13 +134,13 @@ def test_activation_cache_from_token_file_is_reused(tmp_path):
 
 
 def test_resume_of_a_run_made_before_a_new_field_keeps_its_value(tmp_path, acts):
-    """A run whose run_config predates top_weight_power trained with 0 (uniform tops): resuming it under today's
-    default (1) is refused instead of mixing the two objectives; passing 0 resumes it."""
+    """A run whose run_config predates top_weight_power trained with 0 (uniform tops): resuming it with another value
+    (1) is refused instead of mixing the two objectives; 0 resumes it."""
     train(_cfg(tmp_path / "run", steps_per_layer=4, top_weight_power=0.0), activations=acts, progress=False)
     path = tmp_path / "run" / "run_config.json"
     saved = json.loads(path.read_text())
     del saved["training"]["top_weight_power"]
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="top_weight_power: 0.0 -> 1.0"):
-        train(_cfg(tmp_path / "run", steps_per_layer=4), activations=acts, progress=False)
+        train(_cfg(tmp_path / "run", steps_per_layer=4, top_weight_power=1.0), activations=acts, progress=False)
     train(_cfg(tmp_path / "run", steps_per_layer=4, top_weight_power=0.0), activations=acts, progress=False)
