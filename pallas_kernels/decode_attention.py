@@ -18,18 +18,9 @@ generation, or a ragged batch) is still spread over all C programs, and programs
 empty load nothing. C is static: about 4 programs per H100
 SM at batch 1 (132 SMs), fewer at larger batch, never pieces under a few steps at full length.
 
-Merge of the C partials (``combine``; the memory-ordering argument is in ``_common``'s docstring):
-``"atomic"``: each program stores the G real rows of its partial, then bumps a per-row
-counter (CTA barrier, then one acq_rel GPU-scope atomic); the program that sees the count reach
-C - 1 reads the row's C partials back and writes the normalised [G, H] output, all in one launch
-(in two levels, groups of T pieces first, when C is large).
-``"kernel"`` (default): a second small Pallas launch merges (grid (BK, 4)); ``"xla"``: an XLA combine. With C == 1 the
-program writes the output directly.
-Measured (H100, jax 0.11.2, 2026-11-23, ``bench kernels --attention-combines atomic,kernel,xla``, Qwen2.5-7B shape,
-device us per call): sparse b1 128K kernel 8.5 / atomic 11.4 / xla 11.1, b8 128K 22.8 / 24.2 / 25.1, b1 512K
-17.1 / 19.2 / 17.5; dense b1 128K 98.7 / 100.4 / 100.0. The one-launch atomic merge loses to the separate merge
-launch: its serial tail (the last program reads the row's partials after every other program has finished) and
-the counter memset cost more than the second launch. Hence the default ``"kernel"``.
+Merge of the C partials (``combine``): ``"kernel"`` (default, a second small Pallas launch), ``"atomic"`` (the last
+program of a row merges, same launch) or ``"xla"``; with C == 1 the program writes the output directly. The modes,
+their memory ordering and the measurements behind the default are in ``_common``'s docstring (``split_k_attention``).
 
 Masking: rows s >= lengths[b], and with ``window`` rows s <= lengths[b] - 1 - window, get no
 weight; a row with no live key (lengths[b] == 0) returns zeros. fp32 accumulation; fp32 inputs
@@ -57,6 +48,7 @@ from pallas_kernels._common import (
     default_interpret,
     next_pow2,
     online_softmax_step,
+    padded_group_queries,
     qkv_row_blocks,
     resolve_implementation,
     softmax_init,
@@ -81,11 +73,8 @@ def _decode_attention_body(
     window: int | None,
 ):
     """Program (row, piece): online softmax over the piece's rows -> unnormalised (o [GP, H], m [GP], l [GP])."""
-    h = q_ref.shape[-1]
-    gp = max(16, next_pow2(group))
-    g_rows = lax.broadcasted_iota(jnp.int32, (gp,), 0)
-    g_safe = jnp.minimum(g_rows, group - 1)
-    q = q_ref[g_safe, :]  # [GP, H] (padded rows repeat the last head; never stored)
+    q = padded_group_queries(q_ref, group)  # [GP, H]
+    h = q.shape[1]
 
     length = jnp.minimum(len_ref[0], seq_len)
     lo = jnp.int32(0) if window is None else jnp.maximum(length - window, 0)  # first live row
@@ -109,7 +98,7 @@ def _decode_attention_body(
         # The scale is applied to the fp32 logits (scaling q first would round it to q's dtype).
         return online_softmax_step(q, kb, vb, ok, carry, scale)
 
-    return lax.fori_loop(0, steps, body, softmax_init(gp, h))
+    return lax.fori_loop(0, steps, body, softmax_init(*q.shape))
 
 
 def default_block_s(head_dim: int, itemsize: int) -> int:

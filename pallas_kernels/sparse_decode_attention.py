@@ -9,18 +9,10 @@ chunk's K and V rows straight from the cache (``k_ref[idx_vec, :]``, no material
 an online softmax for the G query heads of the group (flash-decoding split). Each selected row is
 read once for all G query heads. fp32 accumulation; fp32 inputs use IEEE (not tf32) dots.
 
-Merge of the C chunks (``combine``; the memory-ordering argument is in ``_common``'s docstring):
-``"atomic"``: each program stores the G real rows of its unnormalised partial (o, m, l),
-then bumps a per-row counter (CTA barrier, then one acq_rel GPU-scope atomic); the program that sees
-the count reach C - 1 reads the row's C partials back and writes the normalised [G, H] output in
-q's dtype, all in one launch (in two levels, groups of T chunks first, when C is large).
-``"kernel"`` (default): a second small Pallas launch merges (grid (BK, 4)); ``"xla"``: an XLA combine. With C == 1 the
-program writes the output directly.
-Measured (H100, jax 0.11.2, 2026-11-23, ``bench kernels --attention-combines atomic,kernel,xla``, Qwen2.5-7B shape,
-device us per call): sparse b1 128K kernel 8.5 / atomic 11.4 / xla 11.1, b8 128K 22.8 / 24.2 / 25.1, b1 512K
-17.1 / 19.2 / 17.5; dense b1 128K 98.7 / 100.4 / 100.0. The one-launch atomic merge loses to the separate merge
-launch: its serial tail (the last program reads the row's partials after every other program has finished) and
-the counter memset cost more than the second launch. Hence the default ``"kernel"``.
+Merge of the C chunks (``combine``): ``"kernel"`` (default, a second small Pallas launch), ``"atomic"`` (the last
+program of a row merges, same launch) or ``"xla"``; with C == 1 the program writes the output (q's dtype) directly.
+The modes, their memory ordering and the measurements behind the default are in ``_common``'s docstring
+(``split_k_attention``).
 
 Bytes: 2 * k * H * itemsize per (row, KV head) of gathered K/V (rows are 256 B in bf16 at
 H = 128, so gathers are full-sector reads) + k indices + q + C partials of (G * H + 2 * G) * 4
@@ -44,6 +36,7 @@ from pallas_kernels._common import (
     cdiv_traced,
     next_pow2,
     online_softmax_step,
+    padded_group_queries,
     prev_pow2,
     qkv_row_blocks,
     resolve_implementation,
@@ -67,10 +60,7 @@ def _sparse_attention_body(
     count_mask: bool,
 ):
     """Program (row, chunk): online softmax over the chunk's slots -> unnormalised (o [GP, H], m [GP], l [GP])."""
-    h = q_ref.shape[-1]
-    gp = max(16, next_pow2(group))
-    g_rows = lax.broadcasted_iota(jnp.int32, (gp,), 0)
-    q = q_ref[jnp.minimum(g_rows, group - 1), :]  # [GP, H] (padded rows repeat the last head; never stored)
+    q = padded_group_queries(q_ref, group)  # [GP, H]
     q = (q.astype(jnp.float32) * scale).astype(q_ref.dtype)
     chunk_start = pl.program_id(1) * chunk
     n_valid = mask_ref[0] if count_mask else None
@@ -91,7 +81,7 @@ def _sparse_attention_body(
     if count_mask:
         # Skip the steps of this chunk that lie entirely past the valid slots.
         steps = jnp.clip(cdiv_traced(n_valid - chunk_start, block_t), 0, steps)
-    return lax.fori_loop(0, steps, body, softmax_init(gp, h))
+    return lax.fori_loop(0, steps, body, softmax_init(*q.shape))
 
 
 def default_chunk(num_slots: int, num_rows: int, block_t: int, target_programs: int = 528) -> int:
