@@ -268,11 +268,6 @@ def prepare_activations(cfg: TrainConfig, model=None, tokenizer=None, progress: 
     )
 
 
-# Training fields added after runs already existed, with the value those runs trained with (a resume of such a run
-# must not silently switch to a newer default).
-LEGACY_FIELDS = {"hard_other_fraction": 0.0, "targets": "head", "top_weight_power": 0.0}
-
-
 def _check_run_config(out_dir: str, cfg: TrainConfig) -> None:
     """Refuse to resume a run made with different training settings (its checkpoints would be mixed in)."""
     path = os.path.join(out_dir, "run_config.json")
@@ -281,8 +276,9 @@ def _check_run_config(out_dir: str, cfg: TrainConfig) -> None:
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f).get("training", {})
-        # A field added after the run was made counts as the value such runs used (LEGACY_FIELDS), else its default.
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | LEGACY_FIELDS
+        # A field added after the run was made counts as its default, the value such runs trained with
+        # (hard_other_fraction, targets, top_weight_power): keep it so if a default ever changes.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         diff = {k: (before.get(k, defaults[k]), v) for k, v in now.items() if before.get(k, defaults[k]) != v}
         if diff:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
