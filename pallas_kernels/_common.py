@@ -246,12 +246,48 @@ def merge_partials(
     return lax.fori_loop(0, cdiv(max_count, cb), body, softmax_init(gq, hb))
 
 
-def _sync_count(count_ref, slot, interpret: bool):
+def sync_count(count_ref, slot, interpret: bool):
     """CTA barrier (all threads' stores before the release), then ``count[slot] += 1`` -> the old count
-    (atom.add.acq_rel.gpu, one thread; see the module docstring)."""
+    (atom.add.acq_rel.gpu, one thread; see the module docstring). ``slot``: an index or a tuple of them."""
     if not interpret:
         plgpu.debug_barrier()
-    return plgpu.atomic_add(count_ref, (slot,), jnp.int32(1))
+    return plgpu.atomic_add(count_ref, _index(slot), jnp.int32(1))
+
+
+def _index(slot) -> tuple:
+    """An atomic's index as a tuple of int32 scalars (plain ints fail in interpret mode)."""
+    return tuple(jnp.asarray(i, jnp.int32) for i in (slot if isinstance(slot, tuple) else (slot,)))
+
+
+# Polls of ``wait_count`` before it gives up (~1 s at ~1 us per L2 atomic round trip): a broken ordering
+# assumption then shows as a wrong result and a nonzero stall count, not as a hung GPU.
+MAX_SPINS = 1 << 20
+
+
+def wait_count(count_ref, slot: tuple, target, stall_slot: tuple, interpret: bool, max_spins: int = MAX_SPINS):
+    """Spins until ``count[slot] >= target`` (acq_rel atomic reads of ``count[slot] + 0`` by one thread), then a CTA
+    barrier that orders the acquire before every thread's loads (the consumer half of :func:`sync_count`).
+
+    Only safe when the producers cannot be waiting for this program: in the one-launch top-k they are programs of
+    lower id, which the GPU dispatches first (the forward-progress assumption of decoupled look-back scans). After
+    ``max_spins`` polls it stops waiting and adds 1 to ``count[stall_slot]`` (callers check that it stays 0). Interpret
+    mode runs programs in id order, so the producers are done and the first poll succeeds (a poll that does not
+    shows as a stall: the tests check the ordering with ``max_spins`` = 1).
+    """
+    zero = jnp.int32(0)
+
+    def poll(carry):
+        _, spins = carry
+        return plgpu.atomic_add(count_ref, _index(slot), zero), spins + 1
+
+    seen, _ = lax.while_loop(lambda c: (c[0] < target) & (c[1] < max_spins), poll, poll((zero, zero)))
+
+    @pl.when(seen < target)
+    def _():
+        plgpu.atomic_add(count_ref, _index(stall_slot), jnp.int32(1))
+
+    if not interpret:
+        plgpu.debug_barrier()
 
 
 def _last_arrival(done, arrivals, interpret: bool, fn):
@@ -283,7 +319,7 @@ def _split_k_epilogue(partial, out_refs, *, group: int, num_parts: int, merge_gr
         store_head_rows(out_ref, normalize(acc, den), group)
 
     if merge_group == num_parts:  # one level
-        done = _sync_count(count_ref, jnp.int32(0), interpret)
+        done = sync_count(count_ref, jnp.int32(0), interpret)
         _last_arrival(done, num_parts, interpret, lambda: finish(out_refs[:3], num_parts))
         return
     num_groups = cdiv(num_parts, merge_group)
@@ -294,10 +330,10 @@ def _split_k_epilogue(partial, out_refs, *, group: int, num_parts: int, merge_gr
     def merge_group_parts():
         merged = merge_partials(*out_refs[:3], group=group, count=size, max_count=merge_group, first=first)
         _store_partial(out_refs[3:6], grp, merged, group)
-        done = _sync_count(count_ref, jnp.int32(num_groups), interpret)
+        done = sync_count(count_ref, jnp.int32(num_groups), interpret)
         _last_arrival(done, num_groups, interpret, lambda: finish(out_refs[3:6], num_groups))
 
-    done = _sync_count(count_ref, grp, interpret)
+    done = sync_count(count_ref, grp, interpret)
     _last_arrival(done, size, interpret, merge_group_parts)
 
 

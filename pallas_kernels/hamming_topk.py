@@ -72,7 +72,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, next_pow2, resolve_implementation, triton_params
+from pallas_kernels._common import (
+    MAX_SPINS,
+    cdiv,
+    next_pow2,
+    resolve_implementation,
+    sync_count,
+    triton_params,
+    wait_count,
+)
 
 # Steps (of ``block_s`` tokens) whose code loads are in flight together in pass 1, and steps (of
 # 2 * ``block_s`` int16 scores) in the refine / compaction passes. Registers per thread grow with both:
@@ -81,6 +89,8 @@ from pallas_kernels._common import cdiv, next_pow2, resolve_implementation, trit
 PASS1_DEPTH = None
 PASS1_DEPTH2_MAX_PROGRAMS = 2 * 132
 SCORE_DEPTH = 4
+# All passes in one launch (``_one_launch_kernel``) instead of one launch per pass.
+ONE_LAUNCH = False
 # At most the tokens a thread holds contiguously in a 16-byte load of int16 scores: the refine pass folds
 # a thread's scores of a step into one counter lane and the compaction ranks them in-thread.
 SCORE_LANES = 8
@@ -338,6 +348,59 @@ def _stream(load, body, num_steps: int, steps, init, group: int, setup=None, fen
 # --------------------------------------------------------------------------------------------
 
 
+class _Window:
+    """Rows [start, start + size) of axis ``len(lead)`` of ``ref[lead]``, accessed like a ref in one indexer.
+
+    ``w[i, ...]`` / ``w[i, ...] = x`` / ``w.at[i, ...]`` are ``ref[lead..., start + i, ...]`` (``i`` an index, a
+    ``pl.ds``, a slice or an index array; ``...`` the whole window): the Pallas Triton lowering cannot load through
+    a view of a view ("multiple indexers"), and the one-launch kernel hands the passes' bodies their (row, block)
+    windows of whole arrays.
+    """
+
+    def __init__(self, ref, lead: tuple, start, size: int):
+        self.ref, self.lead, self.start = ref, lead, start
+        self.shape = (size, *ref.shape[len(lead) + 1 :])
+
+    def _index(self, idx) -> tuple:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if idx and idx[0] is Ellipsis:
+            idx = idx[1:]
+        idx = idx + (slice(None),) * (len(self.shape) - len(idx))
+        first = idx[0]
+        if isinstance(first, slice):
+            lo, hi = first.start or 0, self.shape[0] if first.stop is None else first.stop
+            first = pl.ds(self.start + lo, hi - lo)
+        elif isinstance(first, pl.Slice):
+            first = pl.ds(self.start + first.start, first.size)
+        else:
+            first = self.start + first
+        return (*self.lead, first, *idx[1:])
+
+    @property
+    def at(self):
+        return _WindowAt(self)
+
+    def __getitem__(self, idx):
+        return self.ref[self._index(idx)]
+
+    def __setitem__(self, idx, value):
+        self.ref[self._index(idx)] = value
+
+
+class _WindowAt:
+    def __init__(self, window: _Window):
+        self.window = window
+
+    def __getitem__(self, idx):
+        return self.window.ref.at[self.window._index(idx)]
+
+
+def _block_id(blk):
+    """The S-block of this program: axis 1 of the (row, block) grid, or ``blk`` when the one-launch kernel
+    runs a pass's body for a work item of its own."""
+    return pl.program_id(1) if blk is None else blk
+
+
 def _query_planes(
     q_ref,  # [G, W] int32 query codes of the group
     group: int,
@@ -522,6 +585,7 @@ def _score_count_kernel(
     depth: int,
     csa: bool,
     csa_full_adders: int | None,
+    blk=None,
 ):
     span, w = k_ref.shape
     t = h_ref.shape[0]
@@ -529,7 +593,7 @@ def _score_count_kernel(
     # CSA path: a token's words as separate [Q] vectors, from loads of at most 4 words (16 B) per token so that
     # each thread holds whole rows of a tile and the split into words is thread-local.
     tile_w = min(w, 4) if csa else w
-    base = pl.program_id(1) * span
+    base = _block_id(blk) * span
     length = len_ref[0]
     full_blocks = seq_len % span == 0  # no block extends past S
     lim = jnp.minimum(jnp.minimum(length, seq_len), base + span)  # rows >= lim are not read ...
@@ -625,6 +689,7 @@ def _refine_kernel(
     has_prev_lo: bool,
     depth: int,
     compiled: bool,
+    blk=None,
 ):
     # refs: [prev_lo_ref [NBP] int32], hp_ref [NBP, T] int32, s_ref [SPAN] int16,
     #       h_ref [T] int32 out, lo_ref [1] int32 out
@@ -635,7 +700,7 @@ def _refine_kernel(
     span = s_ref.shape[0]
     t = h_ref.shape[0]
     length = len_ref[0]
-    base = pl.program_id(1) * span
+    base = _block_id(blk) * span
     num_steps = span // sub
     steps = jnp.clip((length - base + sub - 1) // sub, 0, num_steps)
     load = _score_loader(s_ref, sub, base, seq_len)
@@ -671,6 +736,7 @@ def _compact_kernel(
     has_prev_lo: bool,
     depth: int,
     compiled: bool,
+    blk=None,
 ):
     # refs: [lo_ref [NBP] int32], h_ref [NBP, T] int32 (last pass, step 1), s_ref [SPAN] int16,
     #       idx_ref [k] int32 out, sc_ref [k] int32 out, nv_ref [1] int32 out
@@ -679,7 +745,7 @@ def _compact_kernel(
     else:
         h_ref, s_ref, idx_ref, sc_ref, nv_ref = refs
     span = s_ref.shape[0]
-    blk = pl.program_id(1)
+    blk = _block_id(blk)
     length = len_ref[0]
     base = blk * span
     num_steps = span // sub
@@ -769,6 +835,45 @@ def plan_spans(seq_len: int, rows: int, sub: int, max_blocks: int = 64, target_p
     return sub, span, cdiv(seq_len, span)
 
 
+def _score_kernel(
+    *,
+    group: int,
+    bits: int,
+    seq_len: int,
+    step: int,
+    sub: int,
+    chunks: int,
+    depth: int | None,
+    programs: int,
+    csa: bool,
+    csa_full_adders: int | None,
+):
+    """Pass 1's kernel body with its static settings bound (``depth`` None: automatic from the program count)."""
+    if depth is None:
+        depth = 2 if programs <= PASS1_DEPTH2_MAX_PROGRAMS else 1
+    return functools.partial(
+        _score_count_kernel,
+        group=group,
+        num_planes=max(1, group.bit_length()),
+        bits=bits,
+        seq_len=seq_len,
+        step=step,
+        sub=sub,
+        chunks=min(chunks, sub),
+        depth=depth,
+        csa=csa,
+        csa_full_adders=csa_full_adders,
+    )
+
+
+def _as_rows(q_codes, k_codes):
+    """int32 views: query codes [BK, G, W] and key codes [BK, S, W]."""
+    b, n, w = q_codes.shape
+    kv, s = k_codes.shape[1], k_codes.shape[2]
+    qc = lax.bitcast_convert_type(q_codes, jnp.int32).reshape(b * kv, n // kv, w)
+    return qc, lax.bitcast_convert_type(k_codes, jnp.int32).reshape(b * kv, s, w)
+
+
 def _scores_pass(
     q_codes,
     k_codes,
@@ -788,22 +893,18 @@ def _scores_pass(
     """Pass 1: int16 scores [BK, S] and per-block counts [BK, NBP, T]."""
     b, n, w = q_codes.shape
     kv, s = k_codes.shape[1], k_codes.shape[2]
-    bk, g, bits = b * kv, n // kv, 32 * w
-    qc = lax.bitcast_convert_type(q_codes, jnp.int32).reshape(bk, g, w)
-    codes = lax.bitcast_convert_type(k_codes, jnp.int32).reshape(bk, s, w)
+    bk, g = b * kv, n // kv
+    qc, codes = _as_rows(q_codes, k_codes)
     nb = cdiv(s, span)
-    if depth is None:
-        depth = 2 if bk * nb <= PASS1_DEPTH2_MAX_PROGRAMS else 1
-    kernel = functools.partial(
-        _score_count_kernel,
+    kernel = _score_kernel(
         group=g,
-        num_planes=max(1, g.bit_length()),
-        bits=bits,
+        bits=32 * w,
         seq_len=s,
         step=step,
         sub=sub,
-        chunks=min(chunks, sub),
+        chunks=chunks,
         depth=depth,
+        programs=bk * nb,
         csa=csa,
         csa_full_adders=csa_full_adders,
     )
@@ -849,6 +950,114 @@ def _hamming_scores_pallas(q_codes, k_codes, *, sub=1024, num_warps=4, csa=True,
     return scores.astype(jnp.int32).reshape(b, kv, s)
 
 
+def _refine_kernels(*, nb, steps, sub2, lanes, seq_len, k, depth, compiled):
+    """The bodies of the refine passes (levels 1 .. L - 1) and of the compaction, static settings bound."""
+    refines = [
+        functools.partial(
+            _refine_kernel,
+            num_blocks=nb,
+            prev_step=steps[level - 1],
+            step=steps[level],
+            sub=sub2,
+            lanes=lanes,
+            seq_len=seq_len,
+            k=k,
+            has_prev_lo=level > 1,
+            depth=depth,
+            compiled=compiled,
+        )
+        for level in range(1, len(steps))
+    ]
+    compact = functools.partial(
+        _compact_kernel,
+        num_blocks=nb,
+        sub=sub2,
+        lanes=lanes,
+        seq_len=seq_len,
+        k=k,
+        fill=next_pow2(cdiv(k, nb)),
+        has_prev_lo=len(steps) > 1,
+        depth=depth,
+        compiled=compiled,
+    )
+    return refines, compact
+
+
+def _one_launch_kernel(
+    qc_ref,  # [BK, G, W] int32
+    len_ref,  # [B] int32
+    kk_ref,  # [B] int32 live budget
+    codes_ref,  # [BK, S', W] int32 (S' = NB * SPAN in interpret mode, else S)
+    sync_in_ref,  # [BK + 1, L] int32 zeros (aliased to sync_ref)
+    s_ref,  # [BK, NB * SPAN] int16 out: scores
+    *refs,
+    kv: int,
+    nb: int,
+    span: int,
+    levels: int,
+    score_kernel,
+    refine_kernels,
+    compact_kernel,
+    interpret: bool,
+    max_spins: int,
+):
+    # refs: counts_0 .. counts_{L-1} [BK, NBP, T] int32, lo_1 .. lo_{L-1} [BK, NBP] int32, idx [BK, k] int32,
+    #       sc [BK, k] int32, nv [BK, NBP] int32, sync [BK + 1, L] int32 (row r: arrivals per counting pass;
+    #       [BK, 0]: stalls)
+    del sync_in_ref
+    counts, los = refs[:levels], refs[levels : 2 * levels - 1]
+    idx_ref, sc_ref, nv_ref, sync_ref = refs[2 * levels - 1 :]
+    bk = s_ref.shape[0]
+    items = bk * nb
+    pid = pl.program_id(0)
+    phase = pid // items  # programs [p * items, (p + 1) * items) run pass p for every (row, block), row-major
+    item = pid - phase * items
+    r = item // nb
+    blk = item - r * nb
+    row_len = _Window(len_ref, (), r // kv, 1)
+    row_kk = _Window(kk_ref, (), r // kv, 1)
+    start = _multiple_of(blk * span, span)
+    scores = _Window(s_ref, (r,), start, span)
+    nbp = counts[0].shape[1]
+    table = [_Window(c, (r,), 0, nbp) for c in counts]  # [NBP, T] of this row
+    block_out = [_Window(c, (r, blk), 0, c.shape[2]) for c in counts]  # [T] of this (row, block)
+    stall = (bk, 0)
+
+    @pl.when(phase == 0)
+    def _():
+        codes = _Window(codes_ref, (r,), start, span)
+        score_kernel(_Window(qc_ref, (r,), 0, qc_ref.shape[1]), row_len, codes, scores, block_out[0], blk=blk)
+        sync_count(sync_ref, (r, 0), interpret)
+
+    def after(level):  # every program of pass level - 1 of this row has stored its counts (and scores)
+        wait_count(sync_ref, (r, level - 1), nb, stall, interpret, max_spins)
+        return [] if level == 1 else [_Window(los[level - 2], (r,), 0, nbp)]
+
+    for level, refine in enumerate(refine_kernels, start=1):
+
+        @pl.when(phase == level)
+        def _(level=level, refine=refine):
+            prev = after(level)
+            refine(
+                row_kk,
+                row_len,
+                *prev,
+                table[level - 1],
+                scores,
+                block_out[level],
+                _Window(los[level - 1], (r,), blk, 1),
+                blk=blk,
+            )
+            sync_count(sync_ref, (r, level), interpret)
+
+    @pl.when(phase == levels)
+    def _():
+        prev = after(levels)
+        k = idx_ref.shape[1]
+        out = _Window(idx_ref, (r,), 0, k), _Window(sc_ref, (r,), 0, k), _Window(nv_ref, (r,), blk, 1)
+        compact_kernel(row_kk, row_len, *prev, table[levels - 1], scores, *out, blk=blk)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -864,10 +1073,12 @@ def _hamming_scores_pallas(q_codes, k_codes, *, sub=1024, num_warps=4, csa=True,
         "score_lanes",
         "csa",
         "csa_full_adders",
+        "one_launch",
+        "max_spins",
         "interpret",
     ),
 )
-def hamming_topk_rows(
+def hamming_topk_rows_stats(
     q_codes,  # [B, N, W] uint32
     k_codes,  # [B, K, S, W] uint32
     lengths,  # [B] int32
@@ -885,39 +1096,75 @@ def hamming_topk_rows(
     score_lanes: int = SCORE_LANES,
     csa: bool = True,
     csa_full_adders: int | None = None,
+    one_launch: bool = ONE_LAUNCH,
+    max_spins: int = MAX_SPINS,
     interpret: bool = False,
 ):
-    """Pallas top-k; returns (indices [BK, k] int32, scores [BK, k] int32, n_valid [BK] int32).
-
-    ``block_s`` is the number of tokens per inner step of a program (``chunks`` loads of
-    ``block_s / chunks`` tokens; 1 token per thread and chunk at block_s = chunks * 32 * num_warps).
-    ``pass1_depth`` / ``depth``: steps whose loads are in flight together in pass 1 / in the refine and
-    compaction passes (powers of two; 1 = one-step prefetch, as before; None = automatic for pass 1).
-    ``max_blocks`` / ``target_programs``: the grid's blocks per row and the programs it aims for (``plan_spans``).
-    ``score_lanes``: at most this many scores per thread and step are folded into one counter lane /
-    ranked in-thread (1 = one lane per score and one block-wide scan per step, as before).
-    ``csa``: pass 1 scores each token with one carry-save tree over all its words and planes (``_csa_scores``);
-    False = one popcount per word and plane, summed per plane (the previous path, kept for comparison).
-    ``csa_full_adders``: at most this many full adders per token in that tree (None: every one that pays off
-    under ``CSA_COSTS``); fewer keep more popcounts and fewer LOP3s, for when POPC is not the bottleneck.
-    At most 31 of the ``num_thresholds`` (a power of two) are used: one bit each in an int32 mask.
-    Slots ``>= n_valid`` of a row hold index 0 and score 0. This is the form that ``sparse_decode_attention_rows``
-    consumes without materialising a boolean mask.
-    """
+    """``hamming_topk_rows`` plus the one-launch kernel's stall count (int32 scalar; 0 for three launches): the
+    waits that gave up after ``max_spins`` polls. Nonzero means the result is wrong (see ``wait_count``)."""
     b, n, w = q_codes.shape
     kv, s = k_codes.shape[1], k_codes.shape[2]
     bk, bits = b * kv, 32 * w
     t = num_thresholds
     t_real = min(t, 31)  # column 31 of a 32-wide count table stays 0 (masks have 31 usable bits)
     sub, span, nb = plan_spans(s, bk, block_s, max_blocks, target_programs)
-    chunks = min(chunks, sub)
     # Refine / compact stream 2-byte scores: wider steps (2 * sub tokens, one 16-byte load per thread).
     sub2 = min(span, 2 * sub)
     lanes = max(1, min(score_lanes, sub2 // (32 * num_warps)))  # scores per thread and step
     nbp = _table_rows(nb)
     steps = level_steps((n // kv) * bits + 1, t_real)
+    levels = len(steps)
     lengths = lengths.astype(jnp.int32)
     budget = budget.astype(jnp.int32)
+    score_kernel = _score_kernel(
+        group=n // kv,
+        bits=bits,
+        seq_len=s,
+        step=steps[0],
+        sub=sub,
+        chunks=chunks,
+        depth=pass1_depth,
+        programs=bk * nb,
+        csa=csa,
+        csa_full_adders=csa_full_adders,
+    )
+    refines, compact = _refine_kernels(
+        nb=nb, steps=steps, sub2=sub2, lanes=lanes, seq_len=s, k=k, depth=depth, compiled=not interpret
+    )
+    params = triton_params(num_warps=num_warps, num_stages=2)
+    table = jax.ShapeDtypeStruct((bk, nbp, t), jnp.int32)
+    per_block = jax.ShapeDtypeStruct((bk, nbp), jnp.int32)
+    out_rows = [jax.ShapeDtypeStruct((bk, k), jnp.int32)] * 2
+
+    if one_launch:
+        qc, codes = _as_rows(q_codes, k_codes)
+        if interpret and nb * span != s:  # interpret mode clamps out-of-range slices; the GPU masks them
+            codes = jnp.pad(codes, ((0, 0), (0, nb * span - s), (0, 0)))
+        kernel = functools.partial(
+            _one_launch_kernel,
+            kv=kv,
+            nb=nb,
+            span=span,
+            levels=levels,
+            score_kernel=score_kernel,
+            refine_kernels=refines,
+            compact_kernel=compact,
+            interpret=interpret,
+            max_spins=max_spins,
+        )
+        sync = jax.ShapeDtypeStruct((bk + 1, levels), jnp.int32)
+        out_shape = [jax.ShapeDtypeStruct((bk, nb * span), jnp.int16), *[table] * levels, *[per_block] * (levels - 1)]
+        outs = pl.pallas_call(
+            kernel,
+            grid=((levels + 1) * bk * nb,),
+            out_shape=[*out_shape, *out_rows, per_block, sync],
+            input_output_aliases={4: len(out_shape) + 3},
+            compiler_params=params,
+            interpret=interpret,
+            name="hamming_topk_one_launch",
+        )(qc, lengths, budget, codes, jnp.zeros(sync.shape, jnp.int32))
+        idx, sc, nv, sync_out = outs[-4:]
+        return idx, sc, nv[:, 0], sync_out[bk, 0]
 
     scores, counts = _scores_pass(
         q_codes,
@@ -934,74 +1181,63 @@ def hamming_topk_rows(
         csa=csa,
         csa_full_adders=csa_full_adders,
     )
-    params = triton_params(num_warps=num_warps, num_stages=2)
     row_spec = pl.BlockSpec((1,), lambda r, i: (r // kv,))
     counts_spec = pl.BlockSpec((None, nbp, t), lambda r, i: (r, 0, 0))
     lo_in_spec = pl.BlockSpec((None, nbp), lambda r, i: (r, 0))
     score_spec = pl.BlockSpec((None, span), lambda r, i: (r, i))
+    block_spec = pl.BlockSpec((None, 1), lambda r, i: (r, i))
     lo = None
-    for level in range(1, len(steps)):
-        kernel = functools.partial(
-            _refine_kernel,
-            num_blocks=nb,
-            prev_step=steps[level - 1],
-            step=steps[level],
-            sub=sub2,
-            lanes=lanes,
-            seq_len=s,
-            k=k,
-            has_prev_lo=lo is not None,
-            depth=depth,
-            compiled=not interpret,
-        )
+    for level, refine in enumerate(refines, start=1):
         extra = [] if lo is None else [lo]
         counts, lo = pl.pallas_call(
-            kernel,
+            refine,
             grid=(bk, nb),
             in_specs=[row_spec, row_spec] + ([] if lo is None else [lo_in_spec]) + [counts_spec, score_spec],
-            out_specs=[
-                pl.BlockSpec((None, None, t), lambda r, i: (r, i, 0)),
-                pl.BlockSpec((None, 1), lambda r, i: (r, i)),
-            ],
-            out_shape=[
-                jax.ShapeDtypeStruct((bk, nbp, t), jnp.int32),
-                jax.ShapeDtypeStruct((bk, nbp), jnp.int32),
-            ],
+            out_specs=[pl.BlockSpec((None, None, t), lambda r, i: (r, i, 0)), block_spec],
+            out_shape=[table, per_block],
             compiler_params=params,
             interpret=interpret,
             name=f"hamming_refine_{level}",
         )(budget, lengths, *extra, counts, scores)
 
-    fill = next_pow2(cdiv(k, nb))
-    kernel = functools.partial(
-        _compact_kernel,
-        num_blocks=nb,
-        sub=sub2,
-        lanes=lanes,
-        seq_len=s,
-        k=k,
-        fill=fill,
-        has_prev_lo=lo is not None,
-        depth=depth,
-        compiled=not interpret,
-    )
     extra = [] if lo is None else [lo]
     out_row_spec = pl.BlockSpec((None, k), lambda r, i: (r, 0))
     idx, sc, nv = pl.pallas_call(
-        kernel,
+        compact,
         grid=(bk, nb),
         in_specs=[row_spec, row_spec] + ([] if lo is None else [lo_in_spec]) + [counts_spec, score_spec],
-        out_specs=[out_row_spec, out_row_spec, pl.BlockSpec((None, 1), lambda r, i: (r, i))],
-        out_shape=[
-            jax.ShapeDtypeStruct((bk, k), jnp.int32),
-            jax.ShapeDtypeStruct((bk, k), jnp.int32),
-            jax.ShapeDtypeStruct((bk, nbp), jnp.int32),
-        ],
+        out_specs=[out_row_spec, out_row_spec, block_spec],
+        out_shape=[*out_rows, per_block],
         compiler_params=params,
         interpret=interpret,
         name="hamming_compact",
     )(budget, lengths, *extra, counts, scores)
-    return idx, sc, nv[:, 0]
+    return idx, sc, nv[:, 0], jnp.int32(0)
+
+
+def hamming_topk_rows(q_codes, k_codes, lengths, budget, **kwargs):
+    """Pallas top-k; returns (indices [BK, k] int32, scores [BK, k] int32, n_valid [BK] int32).
+
+    Arguments: q_codes [B, N, W] uint32, k_codes [B, K, S, W] uint32, lengths [B] int32, budget [B] int32 (live
+    budget, clamped to ``k``); keywords (static):
+    ``block_s`` is the number of tokens per inner step of a program (``chunks`` loads of
+    ``block_s / chunks`` tokens; 1 token per thread and chunk at block_s = chunks * 32 * num_warps).
+    ``pass1_depth`` / ``depth``: steps whose loads are in flight together in pass 1 / in the refine and
+    compaction passes (powers of two; 1 = one-step prefetch, as before; None = automatic for pass 1).
+    ``max_blocks`` / ``target_programs``: the grid's blocks per row and the programs it aims for (``plan_spans``).
+    ``score_lanes``: at most this many scores per thread and step are folded into one counter lane /
+    ranked in-thread (1 = one lane per score and one block-wide scan per step, as before).
+    ``csa``: pass 1 scores each token with one carry-save tree over all its words and planes (``_csa_scores``);
+    False = one popcount per word and plane, summed per plane (the previous path, kept for comparison).
+    ``csa_full_adders``: at most this many full adders per token in that tree (None: every one that pays off
+    under ``CSA_COSTS``); fewer keep more popcounts and fewer LOP3s, for when POPC is not the bottleneck.
+    ``one_launch``: all passes in one kernel launch (module docstring) instead of one launch per pass.
+    At most 31 of the ``num_thresholds`` (a power of two) are used: one bit each in an int32 mask.
+    Slots ``>= n_valid`` of a row hold index 0 and score 0. This is the form that ``sparse_decode_attention_rows``
+    consumes without materialising a boolean mask.
+    """
+    idx, sc, nv, _ = hamming_topk_rows_stats(q_codes, k_codes, lengths, budget, **kwargs)
+    return idx, sc, nv
 
 
 def hamming_scores(
@@ -1032,11 +1268,13 @@ def hamming_topk(
     max_blocks: int = 64,
     num_warps: int = 8,
     csa: bool = True,
+    one_launch: bool | None = None,
 ) -> TopK:
     """Per (batch row, KV head) the ``k`` highest-scoring of the first ``lengths[b]`` tokens.
 
     Exact up to ties. Only the first ``min(budget[b], lengths[b])`` slots are valid; the others
-    hold index 0 and score 0 (safe to gather). The tuning knobs are those of ``hamming_topk_rows``.
+    hold index 0 and score 0 (safe to gather). The tuning knobs are those of ``hamming_topk_rows`` (``one_launch``
+    None: ``ONE_LAUNCH``).
     """
     b, kv = k_codes.shape[:2]
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -1054,6 +1292,7 @@ def hamming_topk(
         max_blocks=max_blocks,
         num_warps=num_warps,
         csa=csa,
+        one_launch=ONE_LAUNCH if one_launch is None else one_launch,
         interpret=interpret,
     )
     valid = jnp.arange(k)[None, :] < nv[:, None]

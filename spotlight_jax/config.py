@@ -171,22 +171,32 @@ class ModelConfig:
 METHODS = ("dense", "oracle", "linear", "spotlight", "quest")
 
 
-def split_method(spec: str) -> tuple[str, dict[str, int]]:
+# Method modifiers that pick how the Hamming top-k is launched (RetrievalConfig.topk_one_launch).
+LAUNCH_MODIFIERS = {"1launch": True, "3launch": False}
+
+
+def split_method(spec: str) -> tuple[str, dict[str, int | bool]]:
     """'spotlight+sink4+recent16' -> ('spotlight', {'sink_tokens': 4, 'recent_window': 16}).
 
-    The modifiers after '+' add always-kept rows (RetrievalConfig.sink_tokens / recent_window) to a sparse method.
+    The modifiers after '+' add always-kept rows (RetrievalConfig.sink_tokens / recent_window) to a sparse method;
+    '+1launch' / '+3launch' run its Hamming top-k as one kernel launch or one per pass (topk_one_launch).
     """
     name, *mods = spec.split("+")
-    fields: dict[str, int] = {}
+    fields: dict[str, int | bool] = {}
     for mod in mods:
+        if mod in LAUNCH_MODIFIERS:
+            fields["topk_one_launch"] = LAUNCH_MODIFIERS[mod]
+            continue
         for field, prefix in (("sink_tokens", "sink"), ("recent_window", "recent")):
             if mod.startswith(prefix) and mod[len(prefix) :].isdigit():
                 fields[field] = int(mod[len(prefix) :])
                 break
         else:
-            raise ValueError(f"unknown method modifier {mod!r}: use +sink<N> or +recent<N> (e.g. spotlight+sink4)")
+            raise ValueError(
+                f"unknown method modifier {mod!r}: use +sink<N>, +recent<N> (e.g. spotlight+sink4), +1launch, +3launch"
+            )
     if fields and name == "dense":
-        raise ValueError("dense reads every row: modifiers +sink<N> / +recent<N> apply to sparse methods only")
+        raise ValueError("dense reads every row: modifiers +sink<N> / +recent<N> / +<n>launch apply to sparse methods")
     return name, fields
 
 
@@ -208,6 +218,9 @@ class RetrievalConfig:
     bits: int = 128  # code length for `linear` / `spotlight`
     quest_page_size: int = 16
     implementation: str | None = None  # "xla" | "pallas" | None (= pallas on GPU, xla elsewhere)
+    # Pallas Hamming top-k in one kernel launch (True) or one launch per pass (False); None = the kernel's default
+    # (pallas_kernels.hamming_topk.ONE_LAUNCH).
+    topk_one_launch: bool | None = None
     # Tensor parallelism: a jax Mesh with axis "tp" (spotlight_jax.parallel.tp_mesh); the decode step's attention
     # then runs per device on its KV heads. None = one device.
     mesh: Any = None

@@ -121,7 +121,13 @@ def select(
         if hash_module is None or code_cache is None:
             raise ValueError(f"retrieval method {cfg.method!r} needs hash modules and a key-code cache")
         sel = hamming_topk(
-            hash_module.query_codes(q), code_cache, lengths, k_max, budget, implementation=cfg.implementation
+            hash_module.query_codes(q),
+            code_cache,
+            lengths,
+            k_max,
+            budget,
+            implementation=cfg.implementation,
+            one_launch=cfg.topk_one_launch,
         )
         indices, valid = sel.indices, sel.valid
     elif cfg.method == "oracle":

@@ -18,6 +18,7 @@ def test_topk_variant_specs():
         "csa": False,
     }  # fmt: skip
     assert _variant_name(kw) == "bs=1024,T=32,w=8,mb=128,P=1056,d=2,csa=0"
+    assert _topk_variant("one=1")["one_launch"] is True
     with pytest.raises(SystemExit, match="unknown top-k variant key 'x'"):
         _topk_variant("x=1")
 
@@ -38,6 +39,10 @@ def test_roofline_bytes_split_over_tensor_parallel_devices():
 
 def test_method_modifiers():
     assert method_fields("spotlight+sink4") == {"method": "spotlight", "sink_tokens": 4}
+    assert method_fields("spotlight+1launch") == {"method": "spotlight", "topk_one_launch": True}
+    assert method_fields("spotlight+3launch+sink2")["topk_one_launch"] is False
+    with pytest.raises(SystemExit):
+        method_fields("dense+1launch")
     with pytest.raises(SystemExit):
         method_fields("spotlight+sideways3")
 

@@ -1,14 +1,18 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.experimental import pallas as pl
 
 from pallas_kernels import hamming_scores, hamming_scores_reference, hamming_topk, hamming_topk_reference
+from pallas_kernels._common import MAX_SPINS, sync_count, wait_count
 from pallas_kernels.hamming_topk import (
     _csa_scores,
     _query_word_planes,
     csa_compress,
     hamming_topk_rows,
+    hamming_topk_rows_stats,
     level_steps,
 )
 from tests.kernel_test_base import INTERPRET, random_codes, rng, scores_np
@@ -220,3 +224,84 @@ def test_topk_stream_variants(b, n, kv, s, bits, lengths, kk, block_s, max_block
     valid = np.arange(kk)[None, :] < np.asarray(nv)[:, None]
     out = (np.asarray(idx).reshape(b, kv, kk), np.asarray(sc).reshape(b, kv, kk), valid.reshape(b, kv, kk))
     _check_topk(out, q, k, lengths, kk)
+
+
+# The one-launch kernel on the same cases (ragged rows, several levels, ties, k > length, inner loops). In
+# interpret mode the programs run in id order, so every wait must succeed at its first poll (max_spins = 1): a
+# pass that read another pass's output before it was written would show as a stall.
+ONE_LAUNCH_CASES = [
+    pytest.param(3, 9, 3, 513, 64, (3, 255, 513), 40, 128, 32, None, 64, id="ragged-G3"),
+    pytest.param(1, 28, 4, 4097, 128, (4097,), 82, 1024, 32, None, 64, id="qwen-4097"),
+    pytest.param(1, 8, 8, 255, 32, (255,), 255, 64, 32, 7, 64, id="G1-k=len-ties"),
+    pytest.param(2, 14, 2, 130, 256, (130, 64), 200, 32, 8, None, 64, id="G7-k>len-bits256-T8-3levels"),
+    pytest.param(1, 4, 1, 1000, 32, (1000,), 100, 64, 4, 3, 4, id="G4-heavy-ties-T4-inner-loop"),
+]
+
+
+@pytest.mark.parametrize("b,n,kv,s,bits,lengths,kk,block_s,t,distinct,max_blocks", ONE_LAUNCH_CASES)
+def test_topk_one_launch_exact(b, n, kv, s, bits, lengths, kk, block_s, t, distinct, max_blocks):
+    gen = rng(s + kk)
+    q = random_codes(gen, (b, n, bits // 32))
+    k = random_codes(gen, (b, kv, s, bits // 32), distinct)
+    lengths = np.asarray(lengths, np.int32)
+    assert len(level_steps((n // kv) * bits + 1, min(t, 31))) >= 2
+    idx, sc, nv, stalls = hamming_topk_rows_stats(
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(lengths),
+        jnp.full((b,), kk, jnp.int32),
+        k=kk,
+        block_s=block_s,
+        num_thresholds=t,
+        max_blocks=max_blocks,
+        one_launch=True,
+        max_spins=1 if INTERPRET else MAX_SPINS,
+        interpret=INTERPRET,
+    )
+    assert int(stalls) == 0
+    valid = np.arange(kk)[None, :] < np.asarray(nv)[:, None]
+    out = (np.asarray(idx).reshape(b, kv, kk), np.asarray(sc).reshape(b, kv, kk), valid.reshape(b, kv, kk))
+    _check_topk(out, q, k, lengths, kk)
+
+
+def test_topk_one_launch_budget():
+    gen = rng(8)
+    b, n, kv, s, bits, kk = 3, 12, 3, 600, 128, 50
+    q = random_codes(gen, (b, n, bits // 32))
+    k = random_codes(gen, (b, kv, s, bits // 32))
+    lengths = np.array([600, 333, 20], np.int32)
+    budget = np.array([50, 7, 30], np.int32)
+    idx, sc, nv, stalls = hamming_topk_rows_stats(
+        *(jnp.asarray(x) for x in (q, k, lengths, budget)),
+        k=kk,
+        block_s=64,
+        max_blocks=4,
+        one_launch=True,
+        max_spins=1 if INTERPRET else MAX_SPINS,
+        interpret=INTERPRET,
+    )
+    assert int(stalls) == 0
+    valid = np.arange(kk)[None, :] < np.asarray(nv)[:, None]
+    out = (np.asarray(idx).reshape(b, kv, kk), np.asarray(sc).reshape(b, kv, kk), valid.reshape(b, kv, kk))
+    _check_topk(out, q, k, lengths, kk, budget)
+
+
+def test_wait_count_reports_a_stall():
+    """A wait whose producers never arrive gives up after max_spins polls and counts a stall (no hang); one whose
+    target is met does not."""
+
+    def kernel(c_ref, o_ref):
+        del c_ref
+        sync_count(o_ref, (0, 0), INTERPRET)  # slot (0, 0) has one arrival
+        wait_count(o_ref, (0, 0), 1, (1, 0), INTERPRET, max_spins=4)  # met
+        wait_count(o_ref, (0, 1), 1, (1, 0), INTERPRET, max_spins=4)  # never met: one stall
+
+    zeros = jnp.zeros((2, 2), jnp.int32)
+    out = pl.pallas_call(
+        kernel,
+        grid=(1,),
+        out_shape=jax.ShapeDtypeStruct((2, 2), jnp.int32),
+        input_output_aliases={0: 0},
+        interpret=INTERPRET,
+    )(zeros)
+    assert int(out[1, 0]) == 1

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--topk-variants",
         default="",
         help="extra hamming_topk settings, ';'-separated: 'block_s:T[:num_warps[:csa]]' (csa 1 | 0 | f<N>) or keyed "
-        "'bs=1024,T=32,w=8,mb=128,d1=2,d=2' (mb max_blocks, P target_programs, d1 / d pass-1 / later-pass depth)",
+        "'bs=1024,T=32,w=8,mb=128,d1=2,d=2,one=1' (mb max_blocks, P target_programs, d1 / d pass-1 / later-pass "
+        "depth, one=1: all passes in one launch)",
     )
     parser.add_argument("--attention-combines", default="kernel", help="split-k merges to compare: atomic,kernel,xla")
     parser.add_argument(
@@ -82,6 +83,7 @@ TOPK_KEYS = {  # short name in a --topk-variants spec -> hamming_topk_rows keywo
     "P": "target_programs",
     "d1": "pass1_depth",
     "d": "depth",
+    "one": "one_launch",
 }
 TOPK_DEFAULT = {"block_s": 1024, "num_thresholds": 32, "num_warps": 8}
 
@@ -89,14 +91,14 @@ TOPK_DEFAULT = {"block_s": 1024, "num_thresholds": 32, "num_warps": 8}
 def _topk_variant(spec: str) -> dict:
     """A hamming_topk_rows setting: 'block_s:T[:num_warps[:csa]]' (csa '1', '0' or 'f<N>' = <= N full adders) or
     keyed 'bs=1024,T=32,w=8,csa=1,fa=4,mb=128,d1=2,d=2' (mb: max_blocks, P: target programs, d1 / d: pass-1 /
-    later-pass depth)."""
+    later-pass depth, one: 1 = all passes in one kernel launch)."""
     if "=" in spec:
         kw = dict(TOPK_DEFAULT)
         for item in spec.split(","):
             key, val = item.split("=")
             if key not in TOPK_KEYS:
                 raise SystemExit(f"unknown top-k variant key {key!r} in {spec!r}; known: {', '.join(TOPK_KEYS)}")
-            kw[TOPK_KEYS[key]] = bool(int(val)) if key == "csa" else int(val)
+            kw[TOPK_KEYS[key]] = bool(int(val)) if key in ("csa", "one") else int(val)
         return kw
     bs, t, *rest = spec.split(":")
     kw = {"block_s": int(bs), "num_thresholds": int(t), "num_warps": int(rest[0]) if rest else 8}
