@@ -23,6 +23,17 @@ Kernels (Pallas Triton):
    blocks' counts), in-block ranks, scatter of indices and scores; fills the unused slots with
    index 0 / score 0.
 
+One launch (``one_launch``; the default for grids of more than 264 programs per pass): the same three bodies
+run in one 1-D grid of (L + 1) x BK x NB programs, pass p on programs [p * BK * NB, (p + 1) * BK * NB) in row-major
+(row, block) order. A program of pass p >= 1 first waits until all NB programs of pass p - 1 of its row have arrived
+(``_common.sync_count`` / ``wait_count``: CTA barrier + acq_rel atomic on the producer side, bounded spin on the
+consumer side). It only ever waits on lower program ids, which the GPU dispatches first, so it needs no
+co-residency of the grid (the forward-progress argument of decoupled look-back scans), and interpret mode, which
+runs the programs in id order, never waits (the tests check that with one poll). Stores and loads go through
+``_Window``s of whole arrays. Measured: it drops two launch ramps and gaps but not the passes' latency chains
+(count table -> threshold -> score stream -> counts -> barrier); it gains 4-8 % on large grids and loses at
+batch 1 / 128K, hence the threshold (numbers at ``ONE_LAUNCH``).
+
 Counting (all passes): each token's score becomes a thermometer mask (bit j set iff
 score >= lo + j * step, at most 31 thresholds), and the masks are added into bit-sliced per-lane
 counters with carry-save adders (~3 logic ops per token whatever T); the per-threshold totals are
@@ -89,8 +100,12 @@ from pallas_kernels._common import (
 PASS1_DEPTH = None
 PASS1_DEPTH2_MAX_PROGRAMS = 2 * 132
 SCORE_DEPTH = 4
-# All passes in one launch (``_one_launch_kernel``) instead of one launch per pass.
-ONE_LAUNCH = False
+# All passes in one launch (``_one_launch_kernel``) instead of one launch per pass: True, False, or None = when a
+# pass has more than ONE_LAUNCH_MIN_PROGRAMS programs. Measured (H100, jax 0.11.2, 2026-11-23, device us, Qwen2.5-7B
+# shape, three launches -> one): b1 128K 14.2 -> 16.4 and b1 512K 27.8 -> 27.1 (256 programs per pass), b8 128K
+# 47.6 -> 45.6, b8 512K 156.2 -> 154.5 (512), the TP=2 decode step's 27 x 2 heads at 128K 80.0 -> 73.6 (432).
+ONE_LAUNCH = None
+ONE_LAUNCH_MIN_PROGRAMS = 2 * 132
 # At most the tokens a thread holds contiguously in a 16-byte load of int16 scores: the refine pass folds
 # a thread's scores of a step into one counter lane and the compaction ranks them in-thread.
 SCORE_LANES = 8
@@ -1096,7 +1111,7 @@ def hamming_topk_rows_stats(
     score_lanes: int = SCORE_LANES,
     csa: bool = True,
     csa_full_adders: int | None = None,
-    one_launch: bool = ONE_LAUNCH,
+    one_launch: bool | None = ONE_LAUNCH,
     max_spins: int = MAX_SPINS,
     interpret: bool = False,
 ):
@@ -1116,6 +1131,8 @@ def hamming_topk_rows_stats(
     levels = len(steps)
     lengths = lengths.astype(jnp.int32)
     budget = budget.astype(jnp.int32)
+    if one_launch is None:
+        one_launch = bk * nb > ONE_LAUNCH_MIN_PROGRAMS
     score_kernel = _score_kernel(
         group=n // kv,
         bits=bits,
@@ -1231,7 +1248,8 @@ def hamming_topk_rows(q_codes, k_codes, lengths, budget, **kwargs):
     False = one popcount per word and plane, summed per plane (the previous path, kept for comparison).
     ``csa_full_adders``: at most this many full adders per token in that tree (None: every one that pays off
     under ``CSA_COSTS``); fewer keep more popcounts and fewer LOP3s, for when POPC is not the bottleneck.
-    ``one_launch``: all passes in one kernel launch (module docstring) instead of one launch per pass.
+    ``one_launch``: all passes in one kernel launch (``_one_launch_kernel``) instead of one launch per pass; None:
+    when a pass has more than ``ONE_LAUNCH_MIN_PROGRAMS`` programs (see ``ONE_LAUNCH``).
     At most 31 of the ``num_thresholds`` (a power of two) are used: one bit each in an int32 mask.
     Slots ``>= n_valid`` of a row hold index 0 and score 0. This is the form that ``sparse_decode_attention_rows``
     consumes without materialising a boolean mask.
@@ -1268,13 +1286,12 @@ def hamming_topk(
     max_blocks: int = 64,
     num_warps: int = 8,
     csa: bool = True,
-    one_launch: bool | None = None,
+    one_launch: bool | None = ONE_LAUNCH,
 ) -> TopK:
     """Per (batch row, KV head) the ``k`` highest-scoring of the first ``lengths[b]`` tokens.
 
     Exact up to ties. Only the first ``min(budget[b], lengths[b])`` slots are valid; the others
-    hold index 0 and score 0 (safe to gather). The tuning knobs are those of ``hamming_topk_rows`` (``one_launch``
-    None: ``ONE_LAUNCH``).
+    hold index 0 and score 0 (safe to gather). The tuning knobs are those of ``hamming_topk_rows``.
     """
     b, kv = k_codes.shape[:2]
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -1292,7 +1309,7 @@ def hamming_topk(
         max_blocks=max_blocks,
         num_warps=num_warps,
         csa=csa,
-        one_launch=ONE_LAUNCH if one_launch is None else one_launch,
+        one_launch=one_launch,
         interpret=interpret,
     )
     valid = jnp.arange(k)[None, :] < nv[:, None]

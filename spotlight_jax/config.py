@@ -219,7 +219,7 @@ class RetrievalConfig:
     quest_page_size: int = 16
     implementation: str | None = None  # "xla" | "pallas" | None (= pallas on GPU, xla elsewhere)
     # Pallas Hamming top-k in one kernel launch (True) or one launch per pass (False); None = the kernel's default
-    # (pallas_kernels.hamming_topk.ONE_LAUNCH).
+    # (pallas_kernels.hamming_topk.ONE_LAUNCH: one launch for large grids).
     topk_one_launch: bool | None = None
     # Tensor parallelism: a jax Mesh with axis "tp" (spotlight_jax.parallel.tp_mesh); the decode step's attention
     # then runs per device on its KV heads. None = one device.
