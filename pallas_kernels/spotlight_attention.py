@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import resolve_implementation
-from pallas_kernels.hamming_topk import _live_budget, hamming_topk_reference, hamming_topk_rows
+from pallas_kernels.hamming_topk import ONE_LAUNCH, _live_budget, hamming_topk_reference, hamming_topk_rows
 from pallas_kernels.sparse_decode_attention import (
     sparse_decode_attention_reference,
     sparse_decode_attention_rows,
@@ -26,9 +26,13 @@ def spotlight_attention_reference(q, k_cache, v_cache, q_codes, k_codes, lengths
     return sparse_decode_attention_reference(q, k_cache, v_cache, sel.indices, sel.valid, scale)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "scale", "interpret"))
-def _spotlight_attention_pallas(q, k_cache, v_cache, q_codes, k_codes, lengths, budget, *, k, scale, interpret):
-    idx, _, n_valid = hamming_topk_rows(q_codes, k_codes, lengths, budget, k=k, interpret=interpret)
+@functools.partial(jax.jit, static_argnames=("k", "scale", "one_launch", "interpret"))
+def _spotlight_attention_pallas(
+    q, k_cache, v_cache, q_codes, k_codes, lengths, budget, *, k, scale, one_launch, interpret
+):
+    idx, _, n_valid = hamming_topk_rows(
+        q_codes, k_codes, lengths, budget, k=k, one_launch=one_launch, interpret=interpret
+    )
     return sparse_decode_attention_rows(q, k_cache, v_cache, idx, n_valid, scale=scale, interpret=interpret)
 
 
@@ -44,13 +48,26 @@ def spotlight_attention(
     scale: float | None = None,
     implementation: str | None = None,
     *,
+    one_launch: bool | None = ONE_LAUNCH,
     interpret: bool = False,
 ):
-    """Attention of each query head over the top-``budget`` tokens of its KV head -> [B, N, H]."""
+    """Attention of each query head over the top-``budget`` tokens of its KV head -> [B, N, H].
+
+    ``one_launch``: the top-k's launch plan (``hamming_topk_rows``; None = one launch for large grids)."""
     lengths = jnp.asarray(lengths, jnp.int32)
     if resolve_implementation(implementation) == "xla":
         return spotlight_attention_reference(q, k_cache, v_cache, q_codes, k_codes, lengths, k, budget, scale)
     live = _live_budget(budget, q.shape[0], k)
     return _spotlight_attention_pallas(
-        q, k_cache, v_cache, q_codes, k_codes, lengths, live, k=k, scale=scale, interpret=interpret
+        q,
+        k_cache,
+        v_cache,
+        q_codes,
+        k_codes,
+        lengths,
+        live,
+        k=k,
+        scale=scale,
+        one_launch=one_launch,
+        interpret=interpret,
     )

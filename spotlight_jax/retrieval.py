@@ -161,6 +161,7 @@ def decode_attention(
         out = spotlight_attention(
             q, k_cache, v_cache, hash_module.query_codes(q), code_cache, lengths, k_max,
             live_budget(lengths, cfg, k_max), scale, implementation=cfg.implementation,
+            one_launch=cfg.topk_one_launch,
         )  # fmt: skip
         return out.astype(jnp.float32)
     indices, valid = select(q, k_cache, lengths, scale, cfg=cfg, code_cache=code_cache, hash_module=hash_module)

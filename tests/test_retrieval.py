@@ -134,3 +134,21 @@ def test_code_methods_need_matching_hashes(model):
     partial = HashStack(CFG, HashConfig(kind="linear", bits=64), layers=(2,), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"sparse layers \[3\]"):
         generate(model, _prompts([5]), retrieval_cfg=RetrievalConfig(method="linear", bits=64), hashes=partial)
+
+
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_topk_launch_plan_reaches_the_kernel(one_launch):
+    """RetrievalConfig.topk_one_launch picks the Pallas top-k's launch plan on the fused decode path."""
+    q, k, lengths = _random_decode_inputs(1)
+    stack = HashStack(dataclasses.replace(CFG, num_layers=3), HashConfig(kind="spotlight", bits=128), rngs=nnx.Rngs(1))
+    hm = stack.for_layer(2)
+    rcfg = RetrievalConfig(method="spotlight", implementation="pallas", topk_one_launch=one_launch)
+    jaxpr = str(
+        jax.make_jaxpr(
+            lambda q, k, c: retrieval.decode_attention(
+                q, k, k, lengths, 0.2, layer=2, cfg=rcfg, code_cache=c, hash_module=hm
+            )
+        )(q, k, hm.key_codes(k))
+    )
+    assert ("hamming_topk_one_launch" in jaxpr) == one_launch
+    assert ("hamming_compact" in jaxpr) == (not one_launch)
