@@ -175,17 +175,27 @@ METHODS = ("dense", "oracle", "linear", "spotlight", "quest")
 LAUNCH_MODIFIERS = {"1launch": True, "3launch": False}
 
 
-def split_method(spec: str) -> tuple[str, dict[str, int | bool]]:
+def split_method(spec: str) -> tuple[str, dict[str, int | float | bool]]:
     """'spotlight+sink4+recent16' -> ('spotlight', {'sink_tokens': 4, 'recent_window': 16}).
 
-    The modifiers after '+' add always-kept rows (RetrievalConfig.sink_tokens / recent_window) to a sparse method;
-    '+1launch' / '+3launch' run its Hamming top-k as one kernel launch or one per pass (topk_one_launch).
+    Modifiers after '+' (RetrievalConfig fields of a sparse method): '+sink<N>' / '+recent<N>' always keep the first /
+    last N rows; '+keep<P>' keeps P % of the rows (keep_ratio = P / 100, e.g. '+keep5', '+keep2.5'); '+1launch' /
+    '+3launch' run the Hamming top-k as one kernel launch or one per pass (topk_one_launch).
     """
     name, *mods = spec.split("+")
-    fields: dict[str, int | bool] = {}
+    fields: dict[str, int | float | bool] = {}
     for mod in mods:
         if mod in LAUNCH_MODIFIERS:
             fields["topk_one_launch"] = LAUNCH_MODIFIERS[mod]
+            continue
+        if mod.startswith("keep"):
+            try:
+                pct = float(mod[4:])
+            except ValueError:
+                pct = -1.0
+            if not 0 < pct <= 100:
+                raise ValueError(f"method modifier {mod!r}: +keep<P> takes a percentage in (0, 100], e.g. +keep5")
+            fields["keep_ratio"] = pct / 100
             continue
         for field, prefix in (("sink_tokens", "sink"), ("recent_window", "recent")):
             if mod.startswith(prefix) and mod[len(prefix) :].isdigit():
@@ -193,10 +203,11 @@ def split_method(spec: str) -> tuple[str, dict[str, int | bool]]:
                 break
         else:
             raise ValueError(
-                f"unknown method modifier {mod!r}: use +sink<N>, +recent<N> (e.g. spotlight+sink4), +1launch, +3launch"
+                f"unknown method modifier {mod!r}: use +sink<N>, +recent<N> (e.g. spotlight+sink4), +keep<P>, "
+                "+1launch, +3launch"
             )
     if fields and name == "dense":
-        raise ValueError("dense reads every row: modifiers +sink<N> / +recent<N> / +<n>launch apply to sparse methods")
+        raise ValueError("dense reads every row: method modifiers (+sink<N>, +keep<P>, ...) apply to sparse methods")
     return name, fields
 
 

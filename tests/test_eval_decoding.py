@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from spotlight_jax.config import ModelConfig, RetrievalConfig
-from spotlight_jax.eval import decoding
+from spotlight_jax.eval import decoding, perplexity
 from spotlight_jax.generate import generate
 from spotlight_jax.hashing import HashConfig, HashStack
 from spotlight_jax.model import CausalLM, init_cache
@@ -100,5 +100,24 @@ def test_method_modifiers_set_always_kept_rows():
     assert (label, rcfg.bits, rcfg.sink_tokens, rcfg.recent_window) == ("linear-256+sink2", 256, 2, 0)
     with pytest.raises(SystemExit, match="unknown method modifier"):
         decoding.method_setup("oracle+sinks", cfg, args)
-    with pytest.raises(SystemExit, match="sparse methods only"):
+    with pytest.raises(SystemExit, match="apply to sparse methods"):
         decoding.method_setup("dense+sink4", cfg, args)
+
+
+def test_keep_modifier_overrides_the_keep_ratio(tmp_path):
+    args = argparse.Namespace(keep_ratio=0.02, min_keep=20, dense_layers=[0, 1], implementation=None, seed=0)
+    label, rcfg, _ = decoding.method_setup("oracle+keep5+sink4", CFG, args)
+    assert (label, rcfg.keep_ratio, rcfg.sink_tokens) == ("oracle+keep5+sink4", 0.05, 4)
+    assert decoding.method_setup("oracle", CFG, args)[1].keep_ratio == 0.02
+    assert decoding.method_setup("linear-256+keep2.5", CFG, args)[1].keep_ratio == 0.025
+    for bad in ("oracle+keep0", "oracle+keep150", "oracle+keepall"):
+        with pytest.raises(SystemExit, match="percentage"):
+            decoding.method_setup(bad, CFG, args)
+    assert perplexity.method_family("spotlight-128+keep5+sink4") == "spotlight-128+sink4"
+    rows = [
+        {"method": "dense", "keep_ratio": None, "ppl": 7.6},
+        {"method": "oracle", "keep_ratio": 0.02, "ppl": 8.0},
+        {"method": "oracle+keep10", "keep_ratio": 0.1, "ppl": 7.65},
+    ]
+    perplexity.plot_vs_keep(rows, 7.6, str(tmp_path / "k.png"))
+    assert (tmp_path / "k.png").stat().st_size > 0

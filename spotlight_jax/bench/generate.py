@@ -98,7 +98,8 @@ def run(args):
         print(f"context {ctx}: batches {batches}", flush=True)
         for batch in batches:
             for method in args.methods:
-                rcfg = RetrievalConfig(keep_ratio=args.keep_ratio, bits=args.bits, mesh=mesh, **method_fields(method))
+                rcfg = RetrievalConfig(**{"keep_ratio": args.keep_ratio, "bits": args.bits, "mesh": mesh,
+                                          **method_fields(method)})  # fmt: skip
                 try:
                     res = time_decode_steps(
                         model, cfg, batch, ctx, args.steps, args.repeats, rcfg,

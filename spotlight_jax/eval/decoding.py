@@ -42,7 +42,8 @@ def add_common_arguments(p: argparse.ArgumentParser, *, methods=DEFAULT_METHODS)
         "--methods",
         nargs="+",
         default=list(methods),
-        help="dense oracle quest linear-<bits> spotlight; +sink<N> / +recent<N> keep first / last rows",
+        help="dense oracle quest linear-<bits> spotlight; +sink<N> / +recent<N> keep first / last rows, +keep<P> keeps "
+        "P %% of the rows (e.g. oracle+keep5)",
     )
     p.add_argument("--data", default=None, help="datasets source (default: pydocs if present, else stdlib)")
     p.add_argument("--tokens", default=None, help="prebuilt token file (.npz) from --save-tokens: skips tokenising")
@@ -58,8 +59,9 @@ def add_common_arguments(p: argparse.ArgumentParser, *, methods=DEFAULT_METHODS)
 def method_setup(name: str, cfg: ModelConfig, args) -> tuple[str, RetrievalConfig, Any]:
     """'linear-256' -> (label, RetrievalConfig, HashStack | None).
 
-    Modifiers after '+' add always-kept rows to a sparse method: 'spotlight+sink4' keeps the first 4 tokens,
-    'oracle+recent16' the last 16, 'spotlight+sink4+recent16' both (RetrievalConfig.sink_tokens / recent_window).
+    Modifiers after '+' (``config.split_method``) set RetrievalConfig fields of a sparse method: 'spotlight+sink4'
+    keeps the first 4 tokens, 'oracle+recent16' the last 16, 'spotlight+sink4+recent16' both; 'oracle+keep5' keeps
+    5 % of the rows instead of --keep-ratio.
     """
     spec = name
     try:
@@ -68,8 +70,9 @@ def method_setup(name: str, cfg: ModelConfig, args) -> tuple[str, RetrievalConfi
         raise SystemExit(str(e)) from None
     base = dict(
         keep_ratio=args.keep_ratio, min_keep=args.min_keep, dense_layers=tuple(args.dense_layers),
-        implementation=args.implementation, **always_kept,
+        implementation=args.implementation,
     )  # fmt: skip
+    base.update(always_kept)  # the spec's modifiers (+sink4, +keep5, ...) override the command-line defaults
     label, rcfg, stack = _method_base(name, cfg, args, base)
     return label + spec[len(name) :], rcfg, stack
 

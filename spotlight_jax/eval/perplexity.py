@@ -2,7 +2,8 @@
 
 Sequences of --seq-len tokens (held-out documents); the first --prefix tokens are prefilled densely, every later
 position is a decode step of the method under test (`decoding.teacher_forced_nll`). Reports perplexity per method,
-its ratio to dense, and a plot of the running NLL against position.
+its ratio to dense, and a plot of the running NLL against position; when the methods come at several keep ratios
+(``oracle+keep5``, ...), also perplexity against the kept share of rows (``perplexity_vs_keep.png``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 
 import jax.numpy as jnp
@@ -55,10 +57,12 @@ def run(args):
             nlls[label].append(np.asarray(nll))
             seconds[label] += time.perf_counter() - t0
     rows, curves = [], {}
+    keeps = {label: (None if rcfg.method == "dense" else rcfg.keep_ratio) for label, rcfg, _ in setups}
     for label in nlls:
         nll = np.concatenate(nlls[label])  # [num_seqs, positions]
         curves[label] = nll.mean(0)
-        rows.append({"method": label, "ppl": float(math.exp(nll.mean())), "nll": float(nll.mean()),
+        mean = float(nll.mean())
+        rows.append({"method": label, "keep_ratio": keeps[label], "ppl": math.exp(mean), "nll": mean,
                      "tokens": int(nll.size), "seconds": round(seconds[label], 1)})  # fmt: skip
         print(rows[-1], flush=True)
     dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
@@ -73,6 +77,46 @@ def run(args):
     }  # fmt: skip
     write_report(args.out, "perplexity", rows, meta)
     plot_curves(curves, args.prefix, os.path.join(args.out, "perplexity.png"))
+    if len({r["keep_ratio"] for r in rows if r["keep_ratio"] is not None}) > 1:
+        plot_vs_keep(rows, dense, os.path.join(args.out, "perplexity_vs_keep.png"))
+
+
+def method_family(label: str) -> str:
+    """'spotlight-128+keep5+sink4' -> 'spotlight-128+sink4': the method without its keep-ratio modifier."""
+    return re.sub(r"\+keep[0-9.]+", "", label)
+
+
+def plot_vs_keep(rows, dense_ppl, path):
+    """Perplexity against the kept share of rows, one line per method family, with dense and +1 % / +3 % bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    families = {}
+    for r in rows:
+        if r["keep_ratio"] is not None:
+            families.setdefault(method_family(r["method"]), []).append((100 * r["keep_ratio"], r["ppl"]))
+    for fam, pts in families.items():
+        x, y = zip(*sorted(pts), strict=True)
+        ax.plot(x, y, marker="o", label=fam)
+    if dense_ppl:
+        for pct, style in ((0, "-"), (1, ":"), (3, "--")):
+            label = "dense" if not pct else f"dense + {pct} %"
+            ax.axhline(dense_ppl * (1 + pct / 100), color="k", ls=style, lw=1, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({x for pts in families.values() for x, _ in pts}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("rows kept per step (% of the context)")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_report(out_dir, name, rows, meta):
