@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--attention-combines", default="kernel", help="split-k merges to compare: atomic,kernel,xla")
     parser.add_argument(
+        "--attention-chunks",
+        default="0",
+        help="selected slots per attention program to compare, e.g. '0,64,128' (0 = the default, default_chunk)",
+    )
+    parser.add_argument(
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -208,6 +213,7 @@ def run(args: argparse.Namespace) -> dict:
     variants = [_topk_variant(v) for v in args.topk_variants.split(";") if v]
     dense_lengths = {int(x) for x in args.dense_lengths.split(",") if x}
     combines = [c for c in args.attention_combines.split(",") if c]
+    chunks = [int(c) for c in args.attention_chunks.split(",") if c]
     results = []
     key = jax.random.PRNGKey(0)
     w = args.bits // 32
@@ -273,14 +279,15 @@ def run(args: argparse.Namespace) -> dict:
                     ]
                     nvalid = jnp.full((b * kv,), k, jnp.int32)
                     att_sets = [(qs[i], *caches[i % ncache], idx_sets[i], nvalid) for i in range(calls)]
-                    for comb in combines:
-                        fn = lambda q, kc, vc, ix, nv, comb=comb: sparse_decode_attention_rows(
-                            q, kc, vc, ix, nv, combine=comb
+                    for comb, chunk in [(c, ch) for c in combines for ch in chunks]:
+                        fn = lambda q, kc, vc, ix, nv, comb=comb, chunk=chunk: sparse_decode_attention_rows(
+                            q, kc, vc, ix, nv, combine=comb, chunk=chunk or None
                         )
-                        us = _median_call_us(fn, att_sets, args.reps, f"attention {comb}")
+                        us = _median_call_us(fn, att_sets, args.reps, f"attention {comb} chunk={chunk}")
+                        mods = ([] if comb == "kernel" else [f"combine={comb}"]) + ([f"chunk={chunk}"] if chunk else [])
                         _row(
                             results,
-                            "attention_pallas" + ("" if comb == "kernel" else f"(combine={comb})"),
+                            "attention_pallas" + (f"({','.join(mods)})" if mods else ""),
                             us,
                             sel_bytes,
                             peak,
