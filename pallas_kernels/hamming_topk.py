@@ -1116,7 +1116,9 @@ def hamming_topk_rows_stats(
     interpret: bool = False,
 ):
     """``hamming_topk_rows`` plus the one-launch kernel's stall count (int32 scalar; 0 for three launches): the
-    waits that gave up after ``max_spins`` polls. Nonzero means the result is wrong (see ``wait_count``)."""
+    waits that gave up after ``max_spins`` polls. Nonzero means the result is wrong (see ``wait_count``); it cannot
+    happen while the GPU dispatches programs in id order, and the compiled tests and ``bench kernels`` check it.
+    ``hamming_topk_rows`` drops it (checking it inside a decode step would need a host round trip)."""
     b, n, w = q_codes.shape
     kv, s = k_codes.shape[1], k_codes.shape[2]
     bk, bits = b * kv, 32 * w
