@@ -247,6 +247,8 @@ class RetrievalConfig:
             raise ValueError(f"bits must be a multiple of 32, got {self.bits}")
         if self.mesh is not None and "tp" not in getattr(self.mesh, "axis_names", ()):
             raise ValueError(f"mesh must have an axis named 'tp' (spotlight_jax.parallel.tp_mesh), got {self.mesh!r}")
+        if self.topk_one_launch not in (None, True, False):
+            raise ValueError(f"topk_one_launch must be True, False or None, got {self.topk_one_launch!r}")
         if self.implementation not in (None, "xla", "pallas"):
             raise ValueError(f"implementation must be 'xla', 'pallas' or None, got {self.implementation!r}")
 

@@ -152,3 +152,16 @@ def test_topk_launch_plan_reaches_the_kernel(one_launch):
     )
     assert ("hamming_topk_one_launch" in jaxpr) == one_launch
     assert ("hamming_compact" in jaxpr) == (not one_launch)
+
+
+def test_retrieval_config_rejects_bad_fields():
+    for bad, match in [
+        (dict(method="nope"), "unknown retrieval method"),
+        (dict(keep_ratio=0.0), "keep_ratio"),
+        (dict(min_keep=0), "min_keep"),
+        (dict(bits=100), "multiple of 32"),
+        (dict(topk_one_launch="yes"), "topk_one_launch"),
+        (dict(implementation="cuda"), "implementation"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            RetrievalConfig(**bad)
