@@ -893,17 +893,12 @@ def _scores_pass(
     q_codes,
     k_codes,
     lengths,
+    kernel,  # pass 1's body from ``_score_kernel``
     *,
-    sub,
     span,
     num_thresholds,
-    step,
     num_warps,
     interpret,
-    chunks=4,
-    depth=None,
-    csa=True,
-    csa_full_adders=None,
 ):
     """Pass 1: int16 scores [BK, S] and per-block counts [BK, NBP, T]."""
     b, n, w = q_codes.shape
@@ -911,18 +906,6 @@ def _scores_pass(
     bk, g = b * kv, n // kv
     qc, codes = _as_rows(q_codes, k_codes)
     nb = cdiv(s, span)
-    kernel = _score_kernel(
-        group=g,
-        bits=32 * w,
-        seq_len=s,
-        step=step,
-        sub=sub,
-        chunks=chunks,
-        depth=depth,
-        programs=bk * nb,
-        csa=csa,
-        csa_full_adders=csa_full_adders,
-    )
     scores, counts = pl.pallas_call(
         kernel,
         grid=(bk, nb),
@@ -950,51 +933,41 @@ def _scores_pass(
 def _hamming_scores_pallas(q_codes, k_codes, *, sub=1024, num_warps=4, csa=True, interpret=False):
     b, kv, s, _ = k_codes.shape
     sub, span, _ = plan_spans(s, b * kv, sub)
+    kernel = _score_kernel(
+        group=q_codes.shape[1] // kv,
+        bits=32 * q_codes.shape[2],
+        seq_len=s,
+        step=1,
+        sub=sub,
+        chunks=4,
+        depth=None,
+        programs=b * kv * cdiv(s, span),
+        csa=csa,
+        csa_full_adders=None,
+    )
     scores, _ = _scores_pass(
         q_codes,
         k_codes,
         jnp.full((b,), s, jnp.int32),
-        sub=sub,
+        kernel,
         span=span,
         num_thresholds=2,
-        step=1,
         num_warps=num_warps,
         interpret=interpret,
-        csa=csa,
     )
     return scores.astype(jnp.int32).reshape(b, kv, s)
 
 
 def _refine_kernels(*, nb, steps, sub2, lanes, seq_len, k, depth, compiled):
     """The bodies of the refine passes (levels 1 .. L - 1) and of the compaction, static settings bound."""
+    shared = dict(num_blocks=nb, sub=sub2, lanes=lanes, seq_len=seq_len, k=k, depth=depth, compiled=compiled)
     refines = [
         functools.partial(
-            _refine_kernel,
-            num_blocks=nb,
-            prev_step=steps[level - 1],
-            step=steps[level],
-            sub=sub2,
-            lanes=lanes,
-            seq_len=seq_len,
-            k=k,
-            has_prev_lo=level > 1,
-            depth=depth,
-            compiled=compiled,
+            _refine_kernel, prev_step=steps[level - 1], step=steps[level], has_prev_lo=level > 1, **shared
         )
         for level in range(1, len(steps))
     ]
-    compact = functools.partial(
-        _compact_kernel,
-        num_blocks=nb,
-        sub=sub2,
-        lanes=lanes,
-        seq_len=seq_len,
-        k=k,
-        fill=next_pow2(cdiv(k, nb)),
-        has_prev_lo=len(steps) > 1,
-        depth=depth,
-        compiled=compiled,
-    )
+    compact = functools.partial(_compact_kernel, fill=next_pow2(cdiv(k, nb)), has_prev_lo=len(steps) > 1, **shared)
     return refines, compact
 
 
@@ -1186,19 +1159,7 @@ def hamming_topk_rows_stats(
         return idx, sc, nv[:, 0], sync_out[bk, 0]
 
     scores, counts = _scores_pass(
-        q_codes,
-        k_codes,
-        lengths,
-        sub=sub,
-        span=span,
-        num_thresholds=t,
-        step=steps[0],
-        num_warps=num_warps,
-        interpret=interpret,
-        chunks=chunks,
-        depth=pass1_depth,
-        csa=csa,
-        csa_full_adders=csa_full_adders,
+        q_codes, k_codes, lengths, score_kernel, span=span, num_thresholds=t, num_warps=num_warps, interpret=interpret
     )
     row_spec = pl.BlockSpec((1,), lambda r, i: (r // kv,))
     counts_spec = pl.BlockSpec((None, nbp, t), lambda r, i: (r, 0, 0))
