@@ -6,10 +6,12 @@
 - :func:`sparse_decode_attention`: exact softmax decode attention over gathered selected rows.
 - :func:`decode_attention`: dense flash-decoding attention over the whole live KV cache.
 - :func:`spotlight_attention`: the two composed (one decode step of one layer).
+- :func:`decode_prologue`: a decode step's RoPE, hash codes and K / V / code-cache writes in one kernel.
 """
 
 from pallas_kernels._common import default_implementation, default_interpret, resolve_implementation
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+from pallas_kernels.decode_prologue import HashMLP, Prologue, decode_prologue, decode_prologue_reference
 from pallas_kernels.hamming_topk import (
     TopK,
     hamming_scores,
@@ -26,6 +28,10 @@ from pallas_kernels.sparse_decode_attention import (
 from pallas_kernels.spotlight_attention import spotlight_attention, spotlight_attention_reference
 
 __all__ = [
+    "HashMLP",
+    "Prologue",
+    "decode_prologue",
+    "decode_prologue_reference",
     "TopK",
     "decode_attention",
     "decode_attention_reference",

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export SPOTLIGHT_PALLAS_INTERPRET=0 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 dest="${OUT:-experiments/results}"; mkdir -p "$dest"
 for f in tests/test_pack_bits.py tests/test_hamming_topk.py tests/test_sparse_decode_attention.py \
-  tests/test_spotlight_attention.py tests/test_decode_attention.py; do
+  tests/test_spotlight_attention.py tests/test_decode_attention.py tests/test_decode_prologue.py; do
   timeout "${T_TEST:-150}" python -m pytest -v -p no:cacheprovider "$f" 2>&1 \
     | grep --line-buffered -E "::|passed|failed|Fatal|Error" | grep -v "^  File" >> "$dest/tests_compiled.log"
   echo "== $f rc=${PIPESTATUS[0]}" | tee -a "$dest/tests_compiled.log"

@@ -12,7 +12,8 @@ python -c "import jax; print('jax', jax.__version__, jax.devices())"
 rc=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python -m pytest -q -p no:cacheprovider tests/test_pack_bits.py tests/test_hamming_topk.py \
-    tests/test_sparse_decode_attention.py tests/test_spotlight_attention.py tests/test_decode_attention.py 2>&1 | tee "$dest/kernels_tests_gpu.log"
+    tests/test_sparse_decode_attention.py tests/test_spotlight_attention.py tests/test_decode_attention.py \
+    tests/test_decode_prologue.py 2>&1 | tee "$dest/kernels_tests_gpu.log"
   rc=${PIPESTATUS[0]}
 fi
 json="$dest/kernels_$(date -u +%Y%m%d_%H%M%S).json"

@@ -180,11 +180,15 @@ def split_method(spec: str) -> tuple[str, dict[str, int | float | bool]]:
 
     Modifiers after '+' (RetrievalConfig fields of a sparse method): '+sink<N>' / '+recent<N>' always keep the first /
     last N rows; '+keep<P>' keeps P % of the rows (keep_ratio = P / 100, e.g. '+keep5', '+keep2.5'); '+1launch' /
-    '+3launch' run the Hamming top-k as one kernel launch or one per pass (topk_one_launch).
+    '+3launch' run the Hamming top-k as one kernel launch or one per pass (topk_one_launch); '+prologue' fuses each
+    decode step's RoPE, hashing and cache writes into one kernel (fused_prologue; also for dense).
     """
     name, *mods = spec.split("+")
     fields: dict[str, int | float | bool] = {}
     for mod in mods:
+        if mod == "prologue":
+            fields["fused_prologue"] = True
+            continue
         if mod in LAUNCH_MODIFIERS:
             fields["topk_one_launch"] = LAUNCH_MODIFIERS[mod]
             continue
@@ -204,9 +208,9 @@ def split_method(spec: str) -> tuple[str, dict[str, int | float | bool]]:
         else:
             raise ValueError(
                 f"unknown method modifier {mod!r}: use +sink<N>, +recent<N> (e.g. spotlight+sink4), +keep<P>, "
-                "+1launch, +3launch"
+                "+1launch, +3launch, +prologue"
             )
-    if fields and name == "dense":
+    if set(fields) - {"fused_prologue"} and name == "dense":
         raise ValueError("dense reads every row: method modifiers (+sink<N>, +keep<P>, ...) apply to sparse methods")
     return name, fields
 
@@ -232,6 +236,9 @@ class RetrievalConfig:
     # Pallas Hamming top-k in one kernel launch (True) or one launch per pass (False); None = the kernel's default
     # (pallas_kernels.hamming_topk.ONE_LAUNCH: one launch for large grids).
     topk_one_launch: bool | None = None
+    # Decode steps run RoPE, the hash MLPs, pack_bits and the K / V / code-cache writes of a layer in one kernel
+    # (pallas_kernels.decode_prologue) instead of ~15 small XLA kernels. Off until measured on a GPU (NOTES.md).
+    fused_prologue: bool = False
     # Tensor parallelism: a jax Mesh with axis "tp" (spotlight_jax.parallel.tp_mesh); the decode step's attention
     # then runs per device on its KV heads. None = one device.
     mesh: Any = None
@@ -247,6 +254,8 @@ class RetrievalConfig:
             raise ValueError(f"bits must be a multiple of 32, got {self.bits}")
         if self.mesh is not None and "tp" not in getattr(self.mesh, "axis_names", ()):
             raise ValueError(f"mesh must have an axis named 'tp' (spotlight_jax.parallel.tp_mesh), got {self.mesh!r}")
+        if self.fused_prologue not in (True, False):
+            raise ValueError(f"fused_prologue must be True or False, got {self.fused_prologue!r}")
         if self.topk_one_launch not in (None, True, False):
             raise ValueError(f"topk_one_launch must be True, False or None, got {self.topk_one_launch!r}")
         if self.implementation not in (None, "xla", "pallas"):

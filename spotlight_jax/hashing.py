@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.decode_prologue import HashMLP, hash_mlp_reference
 from spotlight_jax._io import read_json
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 
@@ -144,6 +145,11 @@ class _HashBase(nnx.Module):
     def _has_query_mlp(self) -> bool:
         return False
 
+    def mlp(self) -> HashMLP | None:
+        """The key hash as per-KV-head layers (what `pallas_kernels.decode_prologue` runs), or None when the
+        queries have a function of their own (then the decode step hashes them unfused)."""
+        raise NotImplementedError
+
     def features(self, x: jax.Array) -> jax.Array:
         """Generic entry point: x [..., K, M, H] with the KV-head axis third from last -> [..., K, M, bits]."""
         return self.key_features(x)
@@ -214,6 +220,9 @@ class SpotlightHash(_HashBase):
         mlp = self.query_mlp if per_query_head else self.key_mlp
         return mlp(x)
 
+    def mlp(self) -> HashMLP | None:
+        return None if self.query_mlp is not None else self.key_mlp.layers()
+
 
 class _StackedMLP(nnx.Module):
     """`heads` independent MLPs applied with einsums over a leading head axis."""
@@ -227,16 +236,15 @@ class _StackedMLP(nnx.Module):
         self.weights = nnx.List(ws)  # each [K, Din, Dout]
         self.biases = nnx.List(bs)  # each [K, Dout]
 
+    def layers(self) -> HashMLP:
+        # The paper's MLP has a nonlinearity (SiLU) after the first layer only.
+        weights = tuple(w[...] for w in self.weights)
+        return HashMLP(weights, tuple(b[...] for b in self.biases), silu_first=True, residual=self.residual)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [K, ..., M, Din] -> [K, ..., M, Dout]; computed in fp32 whatever the activation dtype."""
-        lead = x.shape[1:-1]
-        y = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])  # [K, M', Din]
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            z = jnp.einsum("kmi,kio->kmo", y, w[...]) + b[...][:, None, :]
-            if i == 0:
-                z = jax.nn.silu(z)  # the paper's MLP has a nonlinearity after the first layer only
-            y = y + z if (self.residual and z.shape[-1] == y.shape[-1]) else z
-        return y.reshape(x.shape[0], *lead, y.shape[-1])
+        y = hash_mlp_reference(x.reshape(x.shape[0], -1, x.shape[-1]), self.layers())  # [K, M', Dout]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class LinearHash(_HashBase):
@@ -251,10 +259,11 @@ class LinearHash(_HashBase):
         self.projection = Projection(jax.random.normal(rngs.params(), (num_kv_heads, head_dim, bits), jnp.float32))
 
     def _apply(self, x: jax.Array, per_query_head: bool) -> jax.Array:
-        lead = x.shape[1:-1]
-        y = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])  # [K, M', H]
-        y = jnp.einsum("kmh,khb->kmb", y, self.projection[...])
-        return y.reshape(x.shape[0], *lead, self.bits)
+        y = hash_mlp_reference(x.reshape(x.shape[0], -1, x.shape[-1]), self.mlp())  # [K, M', bits]
+        return y.reshape(*x.shape[:-1], self.bits)
+
+    def mlp(self) -> HashMLP:
+        return HashMLP((self.projection[...],), (None,), silu_first=False, residual=False)
 
 
 def build_hash(hash_cfg: HashConfig, model_cfg: ModelConfig, rngs: nnx.Rngs) -> SpotlightHash | LinearHash:

@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import resolve_implementation
+from pallas_kernels.decode_prologue import decode_prologue, rope_reference, rope_tables, write_rows
+from pallas_kernels.decode_prologue import supports_pallas as prologue_fits
 from spotlight_jax import retrieval
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 
@@ -92,13 +95,8 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotate-half RoPE (HF convention). x [B, heads, T, H], positions [B, T]."""
-    angles = positions[:, None, :, None].astype(jnp.float32) * inv_freq  # [B, 1, T, H/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    cos, sin = rope_tables(positions[:, None], inv_freq)  # [B, 1, T, H]
+    return rope_reference(x, cos, sin)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -144,11 +142,11 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = self.q_proj(x).reshape(b, t, n, h).transpose(0, 2, 1, 3)  # [B, N, T, H]
-        k = self.k_proj(x).reshape(b, t, kh, h).transpose(0, 2, 1, 3)  # [B, K, T, H]
+        q_pre = self.q_proj(x).reshape(b, t, n, h).transpose(0, 2, 1, 3)  # [B, N, T, H] before RoPE
+        k_pre = self.k_proj(x).reshape(b, t, kh, h).transpose(0, 2, 1, 3)  # [B, K, T, H]
         v = self.v_proj(x).reshape(b, t, kh, h).transpose(0, 2, 1, 3)  # [B, K, T, H]
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q_pre, positions, inv_freq)  # (unused, so not computed, on the fused decode path)
+        k = apply_rope(k_pre, positions, inv_freq)
         scale = 1.0 / math.sqrt(h)
 
         new_cache = None
@@ -168,7 +166,11 @@ class Attention(nnx.Module):
             step = functools.partial(
                 _decode_step, layer=self.layer, scale=scale, cfg=retrieval_cfg, window=cfg.sliding_window
             )
-            args = (q, k, v, cache_kv, positions[:, 0], lengths, hash_module)  # each row writes at its own position
+            if _fused_prologue(retrieval_cfg, hash_module, h):  # RoPE, hashing and cache writes in one kernel
+                rope = rope_tables(positions[:, 0], inv_freq)  # [B, H] each
+                args = (q_pre, k_pre, v, cache_kv, positions[:, 0], lengths, hash_module, rope)
+            else:  # each row writes at its own position
+                args = (q, k, v, cache_kv, positions[:, 0], lengths, hash_module, None)
             if retrieval_cfg.mesh is not None:  # tensor parallel: each device runs the step on its heads
                 from spotlight_jax import parallel
 
@@ -179,33 +181,43 @@ class Attention(nnx.Module):
         return self.o_proj(out), new_cache, (q, k)
 
 
-def _decode_step(q, k, v, cache_kv, pos, lengths, hash_module, *, layer, scale, cfg, window):
+def _fused_prologue(cfg: RetrievalConfig, hash_module, head_dim: int) -> bool:
+    """Whether a decode step runs `pallas_kernels.decode_prologue`: asked for, the layer's hash (if any) has one key
+    function for keys and queries, and on the Pallas path the kernel's tiles fit (else the unfused XLA ops run)."""
+    if not cfg.fused_prologue:
+        return False
+    mlp = None if hash_module is None else hash_module.mlp()
+    if hash_module is not None and mlp is None:
+        return False
+    return resolve_implementation(cfg.implementation) == "xla" or prologue_fits(head_dim, mlp)
+
+
+def _decode_step(q, k, v, cache_kv, pos, lengths, hash_module, rope, *, layer, scale, cfg, window):
     """One decode token: write its k / v (and key codes) at `pos`, then attend (retrieval per `cfg`).
 
     q [B, N, 1, H], k / v [B, K, 1, H], cache_kv (k, v [B, K, S, H], codes [B, K, S, W] or None), pos / lengths [B]
     -> (out [B, N, 1, H] fp32, new cache_kv). Works on any subset of heads (tensor-parallel shards).
+    With `rope` = (cos, sin) [B, H], q and k come before RoPE and `decode_prologue` rotates, hashes and writes them
+    in one kernel; with None they are rotated already and XLA's ops do the same (a cache write, as any write of
+    unique rows, is one scatter: XLA updates the loop-carried cache in place).
     """
     ck, cv, codes = cache_kv
-    ck = _write_rows(ck, k.astype(ck.dtype), pos)
-    cv = _write_rows(cv, v.astype(cv.dtype), pos)
-    if codes is not None:
-        codes = _write_rows(codes, hash_module.key_codes(k), pos)
+    q_codes = None
+    if rope is not None:
+        mlp = None if codes is None else hash_module.mlp()
+        q1, q_codes, ck, cv, codes = decode_prologue(
+            q[:, :, 0], k[:, :, 0], v[:, :, 0], *rope, pos, ck, cv, codes, mlp, implementation=cfg.implementation
+        )
+    else:
+        q1 = q[:, :, 0]
+        ck, cv = write_rows(ck, k[:, :, 0], pos), write_rows(cv, v[:, :, 0], pos)
+        if codes is not None:
+            codes = write_rows(codes, hash_module.key_codes(k)[:, :, 0], pos)
     out = retrieval.decode_attention(
-        q[:, :, 0], ck, cv, lengths, scale, layer=layer, cfg=cfg, code_cache=codes, hash_module=hash_module,
-        window=window,
+        q1, ck, cv, lengths, scale, layer=layer, cfg=cfg, code_cache=codes, hash_module=hash_module,
+        window=window, q_codes=q_codes,
     )  # fmt: skip
     return out[:, :, None], (ck, cv, codes)
-
-
-def _write_rows(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
-    """cache [B, K, S, X], new [B, K, 1, X], pos [B] -> cache with row b's token written at pos[b].
-
-    One scatter for all rows (unique, in-bounds indices): XLA updates the loop-carried cache in place. (One
-    `dynamic_update_slice` per row did the same at run time, but B x layers x 3 of them made the decode step's compile
-    time grow with the batch: 86 s for the 28-layer Qwen-shape spotlight step at B = 20 vs 8 s at B = 1, H100.)
-    """
-    rows = jnp.arange(cache.shape[0])
-    return cache.at[rows, :, pos].set(new[:, :, 0], unique_indices=True, mode="promise_in_bounds")
 
 
 def causal_attention(q, k, v, lengths, scale, window=None):

@@ -119,26 +119,27 @@ def _local_hash_module(graphdef, state, tp: int):
     return module
 
 
-def sharded_decode(step: Callable, mesh: Mesh, q, k, v, cache_kv, pos, lengths, hash_module):
-    """Runs `step(q, k, v, cache_kv, pos, lengths, hash_module) -> (out, new_cache_kv)` on each device's heads.
+def sharded_decode(step: Callable, mesh: Mesh, q, k, v, cache_kv, pos, lengths, hash_module, rope=None):
+    """Runs `step(q, k, v, cache_kv, pos, lengths, hash_module, rope) -> (out, new_cache_kv)` on each device's heads.
 
-    q [B, N, T, H], k / v [B, K, T, H], cache_kv (k, v, codes or None) [B, K, S, X], pos / lengths [B] (replicated);
-    returns out [B, N, T, H] and the new caches, split on the head axis.
+    q [B, N, T, H], k / v [B, K, T, H], cache_kv (k, v, codes or None) [B, K, S, X], pos / lengths [B] and the RoPE
+    tables `rope` ((cos, sin) [B, H] or None) replicated; returns out [B, N, T, H] and the new caches, split on the
+    head axis.
     """
     tp = mesh.shape[AXIS]
     hash_graphdef, hash_state = nnx.split(hash_module) if hash_module is not None else (None, None)
     cache_specs = tuple(None if c is None else _HEADS for c in cache_kv)
     hash_specs = None if hash_state is None else jax.tree.map(lambda _: P(AXIS), hash_state)
 
-    def local(q, k, v, cache_kv, pos, lengths, hash_state):
+    def local(q, k, v, cache_kv, pos, lengths, hash_state, rope):
         module = None if hash_state is None else _local_hash_module(hash_graphdef, hash_state, tp)
-        return step(q, k, v, cache_kv, pos, lengths, module)
+        return step(q, k, v, cache_kv, pos, lengths, module, rope)
 
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(_HEADS, _HEADS, _HEADS, cache_specs, P(), P(), hash_specs),
+        in_specs=(_HEADS, _HEADS, _HEADS, cache_specs, P(), P(), hash_specs, P()),
         out_specs=(_HEADS, cache_specs),
         check_vma=False,  # Pallas calls inside carry no varying-axis annotations
     )
-    return fn(q, k, v, cache_kv, pos, lengths, hash_state)
+    return fn(q, k, v, cache_kv, pos, lengths, hash_state, rope)

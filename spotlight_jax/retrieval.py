@@ -112,16 +112,18 @@ def with_always_kept(indices, valid, lengths, cfg: RetrievalConfig):
 
 
 def select(
-    q, k_cache, lengths, scale, *, cfg: RetrievalConfig, code_cache=None, hash_module=None
+    q, k_cache, lengths, scale, *, cfg: RetrievalConfig, code_cache=None, hash_module=None, q_codes=None
 ) -> tuple[jax.Array, jax.Array]:
-    """The rows a sparse layer's decode step reads: (indices int32, valid bool), both [B, K, k_max (+ kept)]."""
+    """The rows a sparse layer's decode step reads: (indices int32, valid bool), both [B, K, k_max (+ kept)].
+
+    `q_codes` [B, N, W]: the queries' codes when the caller hashed them already (the fused decode prologue)."""
     k_max = cfg.k_max(k_cache.shape[2])
     budget = live_budget(lengths, cfg, k_max)
     if cfg.method in CODE_METHODS:
         if hash_module is None or code_cache is None:
             raise ValueError(f"retrieval method {cfg.method!r} needs hash modules and a key-code cache")
         sel = hamming_topk(
-            hash_module.query_codes(q),
+            hash_module.query_codes(q) if q_codes is None else q_codes,
             code_cache,
             lengths,
             k_max,
@@ -151,6 +153,7 @@ def decode_attention(
     code_cache: jax.Array | None = None,  # [B, K, S, W] uint32
     hash_module=None,
     window: int | None = None,  # sliding-window models (dense only)
+    q_codes: jax.Array | None = None,  # [B, N, W] uint32, when hashed already (else hash_module hashes q)
 ) -> jax.Array:  # [B, N, H] fp32
     """One decode step of one layer: dense on dense layers, else select rows and attend over only those."""
     if not cfg.is_sparse_layer(layer):
@@ -158,12 +161,15 @@ def decode_attention(
     if cfg.method in CODE_METHODS and not (cfg.sink_tokens or cfg.recent_window):
         # The fused path: Hamming top-k and sparse attention back to back (Pallas on GPU).
         k_max = cfg.k_max(k_cache.shape[2])
+        q_codes = hash_module.query_codes(q) if q_codes is None else q_codes
         out = spotlight_attention(
-            q, k_cache, v_cache, hash_module.query_codes(q), code_cache, lengths, k_max,
+            q, k_cache, v_cache, q_codes, code_cache, lengths, k_max,
             live_budget(lengths, cfg, k_max), scale, implementation=cfg.implementation,
             one_launch=cfg.topk_one_launch,
         )  # fmt: skip
         return out.astype(jnp.float32)
-    indices, valid = select(q, k_cache, lengths, scale, cfg=cfg, code_cache=code_cache, hash_module=hash_module)
+    indices, valid = select(
+        q, k_cache, lengths, scale, cfg=cfg, code_cache=code_cache, hash_module=hash_module, q_codes=q_codes
+    )
     out = sparse_decode_attention(q, k_cache, v_cache, indices, valid, scale, implementation=cfg.implementation)
     return out.astype(jnp.float32)

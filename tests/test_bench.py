@@ -41,6 +41,8 @@ def test_method_modifiers():
     assert method_fields("spotlight+sink4") == {"method": "spotlight", "sink_tokens": 4}
     assert method_fields("spotlight+1launch") == {"method": "spotlight", "topk_one_launch": True}
     assert method_fields("spotlight+3launch+sink2")["topk_one_launch"] is False
+    assert method_fields("dense+prologue") == {"method": "dense", "fused_prologue": True}  # dense layers fuse too
+    assert method_fields("spotlight+prologue+1launch")["fused_prologue"] is True
     with pytest.raises(SystemExit):
         method_fields("dense+1launch")
     with pytest.raises(SystemExit):

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels import hamming_topk_reference
+from spotlight_jax import model as model_lib
 from spotlight_jax import retrieval
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 from spotlight_jax.generate import generate
@@ -161,7 +162,72 @@ def test_retrieval_config_rejects_bad_fields():
         (dict(min_keep=0), "min_keep"),
         (dict(bits=100), "multiple of 32"),
         (dict(topk_one_launch="yes"), "topk_one_launch"),
+        (dict(fused_prologue=None), "fused_prologue"),
         (dict(implementation="cuda"), "implementation"),
     ]:
         with pytest.raises(ValueError, match=match):
             RetrievalConfig(**bad)
+
+
+def _teacher_forced_logits(model, rcfg, hashes, tokens, prefill=8):
+    """Decode steps over `tokens` [B, T] after a dense prefill of the first `prefill`: logits [B, T - prefill, V]."""
+    b, t = tokens.shape
+    cache = init_cache(CFG, b, t, retrieval_cfg=rcfg)
+    lengths = jnp.full((b,), prefill)
+    cache = model(tokens[:, :prefill], cache=cache, lengths=lengths, retrieval_cfg=rcfg, hashes=hashes).cache
+    out = []
+    for i in range(prefill, t):
+        step = model(
+            tokens[:, i : i + 1], positions=jnp.full((b, 1), i), cache=cache, lengths=jnp.full((b,), i + 1),
+            retrieval_cfg=rcfg, hashes=hashes,
+        )  # fmt: skip
+        out.append(step.logits[:, 0])
+        cache = step.cache
+    return jnp.stack(out, 1)
+
+
+@pytest.mark.parametrize("method", ["dense", "oracle", "linear", "spotlight"])
+def test_fused_prologue_decodes_as_the_unfused_ops(model, method):
+    """RetrievalConfig.fused_prologue (RoPE, hashing and cache writes in one op) changes nothing in what decodes:
+    same logits and tokens at a budget that does select (XLA reference of the op on CPU)."""
+    rcfg = RetrievalConfig(method=method, keep_ratio=0.2, min_keep=3, bits=64)
+    hashes = _stack(method, 64) if method in retrieval.CODE_METHODS else None
+    fused = dataclasses.replace(rcfg, fused_prologue=True)
+    tokens = jnp.asarray(_prompts([28, 28], seed=4))
+    want = _teacher_forced_logits(model, rcfg, hashes, tokens)
+    np.testing.assert_allclose(_teacher_forced_logits(model, fused, hashes, tokens), want, atol=2e-5, rtol=2e-5)
+    prompts = _prompts([9, 30], seed=5)
+    a = generate(model, prompts, max_new_tokens=10, retrieval_cfg=rcfg, hashes=hashes, eos_token_ids=[])
+    b = generate(model, prompts, max_new_tokens=10, retrieval_cfg=fused, hashes=hashes, eos_token_ids=[])
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_fused_prologue_kernel_in_the_decode_step(model, monkeypatch):
+    """With implementation="pallas" the decode step runs the prologue kernel (interpreted on CPU) and decodes as
+    the unfused XLA path; a hash with its own query MLP falls back to the unfused ops on its layers."""
+    tokens = jnp.asarray(_prompts([20, 20], seed=6))
+    base = RetrievalConfig(method="dense", implementation="xla")
+    kernel = dataclasses.replace(base, implementation="pallas", fused_prologue=True)
+    want = _teacher_forced_logits(model, base, None, tokens, prefill=16)
+    np.testing.assert_allclose(_teacher_forced_logits(model, kernel, None, tokens, prefill=16), want, atol=2e-5)
+
+    calls = []  # per decode_prologue call: whether it hashed
+    real = model_lib.decode_prologue
+    spy = lambda *a, **kw: calls.append(a[-1] is not None) or real(*a, **kw)  # a[-1]: the hash MLP or None
+    monkeypatch.setattr(model_lib, "decode_prologue", spy)
+
+    def trace(rcfg, hashes):
+        calls.clear()
+        jax.make_jaxpr(
+            lambda c: model(
+                tokens[:, :1], positions=jnp.full((2, 1), 5), cache=c, lengths=jnp.full((2,), 6), retrieval_cfg=rcfg,
+                hashes=hashes,
+            ).logits
+        )(init_cache(CFG, 2, 24, retrieval_cfg=rcfg))  # fmt: skip
+        return list(calls)
+
+    sparse = RetrievalConfig(method="spotlight", bits=64, implementation="pallas")
+    assert trace(dataclasses.replace(sparse, fused_prologue=True), _stack("spotlight", 64)) == [0, 0, 1, 1]
+    assert trace(sparse, _stack("spotlight", 64)) == []
+    own_query_mlp = HashStack(CFG, HashConfig(bits=64, separate_query_mlp=True), rngs=nnx.Rngs(5))
+    assert trace(dataclasses.replace(sparse, fused_prologue=True), own_query_mlp) == [0, 0]  # dense layers only

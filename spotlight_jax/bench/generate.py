@@ -110,7 +110,7 @@ def run(args):
                     print(f"{method} batch {batch} context {ctx}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
                 wb = weight_bytes_per_step(model, batch, per_device=per_dev)
-                nbytes, parts = step_roofline_bytes(cfg, method, batch, ctx, wb, rcfg, args.tp)
+                nbytes, parts = step_roofline_bytes(cfg, rcfg.method, batch, ctx, wb, rcfg, args.tp)
                 step_ms = res["step_s"] * 1e3
                 rows.append({
                     "method": method, "context": ctx, "batch": batch, "step_ms": round(step_ms, 3),
