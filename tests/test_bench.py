@@ -1,7 +1,10 @@
-"""The benchmark CLIs' pure parts: variant specs, roofline bytes, method modifiers, profile arithmetic (no timing)."""
+"""The benchmark CLIs' pure parts: variant specs, roofline bytes, method modifiers, profile arithmetic, the timing
+harness's call chaining (no timing is asserted)."""
 
+import jax.numpy as jnp
 import pytest
 
+from spotlight_jax.bench import kernels
 from spotlight_jax.bench.common import busy_and_span
 from spotlight_jax.bench.generate import kv_bytes_per_token, method_fields, step_roofline_bytes
 from spotlight_jax.bench.kernels import _topk_variant, _variant_name
@@ -52,3 +55,16 @@ def test_method_modifiers():
 def test_busy_and_span_counts_overlap_once():
     assert busy_and_span([(0, 10), (5, 15), (20, 30)]) == (25.0, 30)
     assert busy_and_span([]) == (0.0, 0.0)
+
+
+def test_timing_chains_a_carry_through_the_calls():
+    """`_median_call_us(carry=...)` threads the carry (caches updated in place) through one jit's calls in order."""
+    seen = []
+
+    def fn(c, x):
+        seen.append(None)  # traced once per call site
+        return x * 2, c + x
+
+    sets = [(jnp.full((4,), float(i)),) for i in range(3)]
+    us = kernels._median_call_us(fn, sets, reps=1, min_calls=6, carry=jnp.zeros(4))
+    assert isinstance(us, float) and len(seen) == 3 + 6  # the n-call jit and the 2n-call jit, each traced once

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-lengths", default="131072", help="lengths where dense baselines run")
     parser.add_argument("--bits", type=int, default=128)
     parser.add_argument("--keep-ratio", type=float, default=0.02)
-    parser.add_argument("--ops", default="topk,attention,spotlight")
+    parser.add_argument("--ops", default="topk,attention,spotlight", help="any of topk,attention,spotlight,prologue")
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions (median reported)")
     parser.add_argument("--no-xla", action="store_true", help="skip the XLA references")
     parser.add_argument("--xla-max-length", type=int, default=1 << 20)
@@ -120,7 +121,7 @@ def _variant_name(kw: dict) -> str:
     return ",".join(f"{short[k]}={int(v)}" for k, v in kw.items())
 
 
-def _median_call_us(fn, arg_sets, reps: int, label: str = "", min_calls: int = 64) -> float:
+def _median_call_us(fn, arg_sets, reps: int, label: str = "", min_calls: int = 64, carry=None) -> float:
     """Wall time per call of ``fn``: the slope of (median wall time of one jit) over the number of calls in it.
 
     One jit runs ``len(arg_sets)`` calls (round 0), another ``rounds`` times as many distinct calls: in round r the
@@ -128,13 +129,28 @@ def _median_call_us(fn, arg_sets, reps: int, label: str = "", min_calls: int = 6
     through all inputs (nothing stays in L2) and no two calls are equal (nothing for XLA to merge). The slope between
     the two removes the jit's fixed dispatch cost (~0.1 ms with dozens of array arguments) and keeps what a decode
     step pays per call: the kernels plus the launch gaps between them.
+
+    With ``carry`` (e.g. caches that the op updates in place), ``fn(carry, *args) -> (out, carry)`` and the calls of
+    one jit are chained through it, as decode steps are: only the jit's first call copies the (not donated) carry, a
+    fixed cost that the slope removes.
     """
     n = len(arg_sets)
     rounds = min(n, max(2, math.ceil(min_calls / n)))
     calls = [
         (arg_sets[j][0], *arg_sets[(j + r) % n][1:]) for r in range(rounds) for j in range(n)
     ]  # fmt: skip
-    many = jax.jit(lambda sets: [fn(*a) for a in sets])
+    if carry is None:
+        many = jax.jit(lambda sets: [fn(*a) for a in sets])
+    else:
+
+        def chained(sets, c):
+            outs = []
+            for a in sets:
+                out, c = fn(c, *a)
+                outs.append(out)
+            return outs, c
+
+        many = functools.partial(jax.jit(chained), c=carry)
     jax.block_until_ready(many(calls[:n]))  # compile + warm up
     jax.block_until_ready(many(calls))
     global LAST_PROFILE
@@ -185,6 +201,36 @@ def _row(res, name, us, nbytes, peak, **extra):
     dev_s = f"  device {r['device_us']:8.1f} us {r['device_tbs']:5.2f} TB/s" if "device_us" in r else ""
     print(f"    {name:34s} {us:10.1f} us  {r['tbs']:6.2f} TB/s  {r['frac_peak']:5.2f} of peak{dev_s}", flush=True)
     return r
+
+
+def _bench_prologue(results, cache, qs, key, cfg, calls, n, kv, h, w, args, peak):
+    """The decode step's prologue of one sparse layer (RoPE, hash MLP, packing, K / V / code writes at a position):
+    the fused Pallas kernel vs the unfused XLA ops (its reference), caches chained through the calls in place."""
+    from pallas_kernels import decode_prologue
+    from pallas_kernels.decode_prologue import HashMLP, rope_tables
+
+    b = qs[0].shape[0]
+    s = cache[0].shape[2]
+    ks = jax.random.split(key, 6)
+    dims = (h, 128, args.bits)
+    shapes = [(kv, a, c) for a, c in zip(dims[:-1], dims[1:], strict=True)]
+    weights = tuple(jax.random.normal(jax.random.fold_in(ks[0], i), x) * x[1] ** -0.5 for i, x in enumerate(shapes))
+    mlp = HashMLP(weights, tuple(jnp.zeros((kv, x[2])) for x in shapes))
+    inv_freq = 1.0 / (1e6 ** (jnp.arange(0, h, 2) / h))
+    sets = []
+    for i in range(calls):
+        kk, vk, pk = jax.random.split(jax.random.fold_in(ks[2], i), 3)
+        pos = jax.random.randint(pk, (b,), 0, s)
+        sets.append((qs[i], jax.random.normal(kk, (b, kv, h), jnp.bfloat16),
+                     jax.random.normal(vk, (b, kv, h), jnp.bfloat16), *rope_tables(pos, inv_freq), pos))  # fmt: skip
+    code_cache = _rand_codes(ks[3], (b, kv, s, w))
+    nbytes = 2 * (2 * b * n * h * 2 + 2 * b * kv * h * 2) + b * (n + kv) * w * 4  # q in / out, k, v, codes
+    for impl in ("pallas", "xla"):
+        fn = lambda c, q, k, v, cos, sin, pos, impl=impl: (
+            lambda p: ((p.q, p.q_codes), (p.k_cache, p.v_cache, p.code_cache))
+        )(decode_prologue(q, k, v, cos, sin, pos, *c, mlp, implementation=impl))
+        us = _median_call_us(fn, sets, args.reps, f"prologue {impl}", carry=(*cache, code_cache))
+        _row(results, f"prologue_{impl}", us, nbytes, peak, **cfg)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -262,7 +308,7 @@ def run(args: argparse.Namespace) -> dict:
                         _row(results, "topk_xla(popcount+lax.top_k)", us, topk_bytes, peak, **cfg)
                 del topk_sets
                 kv_bytes = 2 * b * kv * s * h * 2
-                if kv_bytes > args.max_kv_gb * 1e9 or not ({"attention", "spotlight"} & ops):
+                if kv_bytes > args.max_kv_gb * 1e9 or not ({"attention", "spotlight", "prologue"} & ops):
                     codes.clear()
                     continue
                 ncache = _copies(kv_bytes, cap=4)
@@ -353,6 +399,8 @@ def run(args: argparse.Namespace) -> dict:
                             print(f"    dense_pallas_gqa failed: {type(e).__name__}: {str(e)[:200]}")
                         del tcaches, dn_sets
                     del sp_sets
+                if "prologue" in ops:
+                    _bench_prologue(results, caches[0], qs, keys[5], cfg, calls, n, kv, h, w, args, peak)
                 del caches, codes
                 with open(path, "w") as f:  # after every configuration: a timeout keeps what ran
                     json.dump(dict(meta=meta, results=results), f, indent=1)
