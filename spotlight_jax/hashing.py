@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import pallas_kernels as _kernels
 from pallas_kernels.decode_prologue import HashMLP, hash_mlp_reference
 from spotlight_jax._io import read_json
 from spotlight_jax.config import ModelConfig, RetrievalConfig
@@ -36,29 +37,10 @@ HASH_CONFIG_FILE = "hash_config.json"
 HASH_PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 
-try:  # the kernel package owns the packing convention; fall back to the same jnp semantics until it lands.
-    from pallas_kernels import pack_bits as _kernel_pack_bits
-except ImportError:  # pragma: no cover - depends on what is checked out
-    _kernel_pack_bits = None
-
-
-def pack_bits(x: jax.Array) -> jax.Array:
-    """Signs of the last axis packed little-endian into uint32 words: bit i of word w = x[..., 32*w + i] > 0.
-
-    x: [..., bits] (bits a multiple of 32) -> uint32 [..., bits // 32]
-    """
-    if _kernel_pack_bits is not None:
-        return _kernel_pack_bits(x)
-    return pack_bits_reference(x)
-
-
-def pack_bits_reference(x: jax.Array) -> jax.Array:
-    """Pure-jnp `pack_bits` (same convention as `pallas_kernels.pack_bits`)."""
-    bits = x.shape[-1]
-    if bits % 32:
-        raise ValueError(f"pack_bits needs a multiple of 32 on the last axis, got shape {x.shape}")
-    b = (x > 0).astype(jnp.uint32).reshape(*x.shape[:-1], bits // 32, 32)  # [..., W, 32]
-    return jnp.sum(b << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)  # [..., W]
+# The kernel package owns the packing convention (bit i of word w = x[..., 32 w + i] > 0): `pack_bits` is its op
+# (Pallas on GPU, XLA elsewhere), `pack_bits_reference` its jnp reference.
+pack_bits = _kernels.pack_bits
+pack_bits_reference = _kernels.pack_bits_reference
 
 
 def softsign(x: jax.Array) -> jax.Array:
