@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from spotlight_jax.bench import kernels
-from spotlight_jax.bench.common import busy_and_span
+from spotlight_jax.bench.common import busy_and_span, kernel_categories
 from spotlight_jax.bench.generate import kv_bytes_per_token, method_fields, step_roofline_bytes
 from spotlight_jax.bench.kernels import _topk_variant, _variant_name
 from spotlight_jax.config import ModelConfig, RetrievalConfig
@@ -68,3 +68,17 @@ def test_timing_chains_a_carry_through_the_calls():
     sets = [(jnp.full((4,), float(i)),) for i in range(3)]
     us = kernels._median_call_us(fn, sets, reps=1, min_calls=6, carry=jnp.zeros(4))
     assert isinstance(us, float) and len(seen) == 3 + 6  # the n-call jit and the 2n-call jit, each traced once
+
+
+def test_kernel_categories_of_a_decode_step():
+    """Names from a real TP decode-step profile (`gen_tp2_triton.log`) land in their categories; the rest is other."""
+    cats = kernel_categories({
+        "hamming_topk_one_launch": 65.0, "hamming_refine_0": 1.0, "sparse_decode_attention": 25.0,
+        "sparse_decode_attention_merge": 2.0, "decode_attention": 800.0, "decode_attention_merge": 3.0,
+        "gemm_fusion_dot_476": 40.0, "all_reduce_22_0_fusion_1": 8.0, "decode_prologue": 4.0,
+        "loop_reduce_fusion_55": 2.0, "input_scatter_fusion_56": 1.5, "pack_bits": 1.0,
+    })  # fmt: skip
+    assert cats == {
+        "topk": 66.0, "sparse_attention": 27.0, "dense_attention": 803.0, "prologue": 4.0, "collectives": 8.0,
+        "gemm": 40.0, "other": 4.5,
+    }  # fmt: skip

@@ -88,6 +88,29 @@ def profile_kernels(run: Callable[[], object], label: str, per: int = 1, top: in
     return total, {name: round(t / per, 2) for name, t in tot.items()}
 
 
+# Where a decode step's device time goes: kernel name pattern -> category (first match wins; the rest is "other":
+# XLA's small fusions such as norms, RoPE, scatters, pack_bits).
+KERNEL_CATEGORIES = (
+    ("topk", r"hamming_"),
+    ("sparse_attention", r"sparse_decode_attention"),
+    ("dense_attention", r"decode_attention"),
+    ("prologue", r"decode_prologue"),
+    ("collectives", r"all[_-]?reduce|all[_-]?gather|reduce[_-]?scatter|nccl"),
+    ("gemm", r"gemm|gemv|cublas|cutlass|^dot|_dot"),
+)
+
+
+def kernel_categories(kernels: dict[str, float]) -> dict[str, float]:
+    """{kernel name: us} -> {category: us} over `KERNEL_CATEGORIES` plus "other" (every category present, 0 if none)."""
+    import re
+
+    out = dict.fromkeys([c for c, _ in KERNEL_CATEGORIES] + ["other"], 0.0)
+    for name, us in kernels.items():
+        cat = next((c for c, pattern in KERNEL_CATEGORIES if re.search(pattern, name)), "other")
+        out[cat] += us
+    return out
+
+
 def busy_and_span(intervals) -> tuple[float, float]:
     """(time covered by the union of [start, end) intervals, last end - first start): a GPU's kernel time without
     double-counting overlapping streams, and the wall span it ran in."""

@@ -13,7 +13,7 @@ import argparse
 import jax
 from flax import nnx
 
-from spotlight_jax.bench.common import roofline_us, write_results
+from spotlight_jax.bench.common import kernel_categories, roofline_us, write_results
 from spotlight_jax.bench.decode import random_model, time_decode_steps, weight_bytes_per_step
 from spotlight_jax.config import ModelConfig, RetrievalConfig, split_method
 from spotlight_jax.hashing import HashConfig, HashStack
@@ -122,8 +122,10 @@ def run(args):
                     "code_cache_GB": round(res["cache_bytes"]["codes"] / 1e9, 3),
                     "xla_temp_GB": round(res["temp_bytes"] / 1e9, 2),
                 })  # fmt: skip
-                if res.get("profile"):  # kernel time without the gaps between kernels
-                    rows[-1]["device_ms"] = round(res["profile"][0] / 1e3 / args.tp, 3)  # per GPU
+                if res.get("profile"):  # kernel time without the gaps between kernels, per GPU and category
+                    rows[-1]["device_ms"] = round(res["profile"][0] / 1e3 / args.tp, 3)
+                    for cat, us in kernel_categories(res["profile"][1]).items():
+                        rows[-1][f"{cat}_ms"] = round(us / 1e3 / args.tp, 3)
                 print(rows[-1], flush=True)
             dense = {r["batch"]: r for r in rows if r["method"] == "dense" and r["context"] == ctx}
             for r in rows:
