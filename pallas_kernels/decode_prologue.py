@@ -104,8 +104,12 @@ def hash_mlp_reference(x: jax.Array, mlp: HashMLP) -> jax.Array:
 
 
 def write_rows(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
-    """cache [B, K, S, X], new [B, K, X], pos [B] -> cache with row b's entry written at pos[b] (one scatter; XLA
-    updates a loop-carried cache in place)."""
+    """cache [B, K, S, X], new [B, K, X], pos [B] -> cache with row b's entry written at pos[b].
+
+    One scatter of unique, in-bounds rows: XLA updates a loop-carried cache in place. (One `dynamic_update_slice` per
+    row did too, but B x layers x 3 of them made the compile time grow with the batch: 86 s for the 28-layer
+    Qwen-shape spotlight step at B = 20 vs 8 s at B = 1, H100.)
+    """
     rows = jnp.arange(cache.shape[0])
     return cache.at[rows, :, pos].set(new.astype(cache.dtype), unique_indices=True, mode="promise_in_bounds")
 
