@@ -157,13 +157,18 @@ def test_topk_exact(b, n, kv, s, bits, lengths, kk, block_s, t, distinct, max_bl
     _check_topk(out, q, k, lengths, kk)
 
 
-def test_topk_budget():
-    gen = rng(7)
-    b, n, kv, s, bits, kk = 3, 12, 3, 600, 128, 50
+def _budget_case(seed):
+    """Three rows with their own lengths and live budgets (one above its length, one far below k)."""
+    gen = rng(seed)
+    b, n, kv, s, bits = 3, 12, 3, 600, 128
     q = random_codes(gen, (b, n, bits // 32))
     k = random_codes(gen, (b, kv, s, bits // 32))
-    lengths = np.array([600, 333, 20], np.int32)
-    budget = np.array([50, 7, 30], np.int32)
+    return q, k, np.array([600, 333, 20], np.int32), np.array([50, 7, 30], np.int32)
+
+
+def test_topk_budget():
+    q, k, lengths, budget = _budget_case(7)
+    kk = 50
     args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(lengths), kk, jnp.asarray(budget))
     _check_topk(hamming_topk_reference(*args), q, k, lengths, kk, budget)
     out = hamming_topk(*args, implementation="pallas", interpret=INTERPRET, block_s=64, max_blocks=4)
@@ -264,12 +269,8 @@ def test_topk_one_launch_exact(b, n, kv, s, bits, lengths, kk, block_s, t, disti
 
 
 def test_topk_one_launch_budget():
-    gen = rng(8)
-    b, n, kv, s, bits, kk = 3, 12, 3, 600, 128, 50
-    q = random_codes(gen, (b, n, bits // 32))
-    k = random_codes(gen, (b, kv, s, bits // 32))
-    lengths = np.array([600, 333, 20], np.int32)
-    budget = np.array([50, 7, 30], np.int32)
+    q, k, lengths, budget = _budget_case(8)
+    kk = 50
     idx, sc, nv, stalls = hamming_topk_rows_stats(
         *(jnp.asarray(x) for x in (q, k, lengths, budget)),
         k=kk,
@@ -280,7 +281,7 @@ def test_topk_one_launch_budget():
         interpret=INTERPRET,
     )
     assert int(stalls) == 0
-    out = _rows_out(idx, sc, nv, b, kv, kk)
+    out = _rows_out(idx, sc, nv, *k.shape[:2], kk)
     _check_topk(out, q, k, lengths, kk, budget)
 
 
