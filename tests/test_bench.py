@@ -6,7 +6,7 @@ import pytest
 
 from spotlight_jax.bench import kernels
 from spotlight_jax.bench.common import busy_and_span, kernel_categories
-from spotlight_jax.bench.generate import kv_bytes_per_token, method_fields, step_roofline_bytes
+from spotlight_jax.bench.generate import add_speedups, kv_bytes_per_token, method_fields, step_roofline_bytes
 from spotlight_jax.bench.kernels import _topk_variant, _variant_name
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 
@@ -82,3 +82,18 @@ def test_kernel_categories_of_a_decode_step():
         "topk": 66.0, "sparse_attention": 27.0, "dense_attention": 803.0, "prologue": 4.0, "collectives": 8.0,
         "gemm": 40.0, "other": 4.5,
     }  # fmt: skip
+
+
+def test_speedups_are_against_the_fastest_dense_of_the_batch():
+    rows = [
+        {"method": "dense", "batch": 4, "tokens_per_s": 100.0},
+        {"method": "dense+prologue", "batch": 4, "tokens_per_s": 110.0},
+        {"method": "spotlight+prologue", "batch": 4, "tokens_per_s": 330.0},
+        {"method": "dense", "batch": 1, "tokens_per_s": 50.0},
+        {"method": "spotlight", "batch": 1, "tokens_per_s": 60.0},
+        {"method": "spotlight", "batch": 8, "tokens_per_s": 60.0},  # no dense row at this batch
+    ]
+    add_speedups(rows)
+    assert (rows[2]["speedup_vs_dense"], rows[2]["vs"]) == (3.0, "dense+prologue")
+    assert rows[4]["speedup_vs_dense"] == 1.2 and "vs" not in rows[4]
+    assert "speedup_vs_dense" not in rows[5] and "speedup_vs_dense" not in rows[1]
