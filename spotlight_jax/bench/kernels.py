@@ -203,14 +203,15 @@ def _row(res, name, us, nbytes, peak, **extra):
     return r
 
 
-def _bench_prologue(results, cache, qs, key, cfg, calls, n, kv, h, w, args, peak):
+def _bench_prologue(results, cache, qs, key, cfg, args):
     """The decode step's prologue of one sparse layer (RoPE, hash MLP, packing, K / V / code writes at a position):
     the fused Pallas kernel vs the unfused XLA ops (its reference), caches chained through the calls in place."""
     from pallas_kernels import decode_prologue
     from pallas_kernels.decode_prologue import HashMLP, rope_tables
 
-    b = qs[0].shape[0]
-    s = cache[0].shape[2]
+    b, n, h = qs[0].shape
+    kv, s = cache[0].shape[1:3]
+    w, calls = args.bits // 32, len(qs)
     ks = jax.random.split(key, 6)
     dims = (h, 128, args.bits)
     shapes = [(kv, a, c) for a, c in zip(dims[:-1], dims[1:], strict=True)]
@@ -230,7 +231,7 @@ def _bench_prologue(results, cache, qs, key, cfg, calls, n, kv, h, w, args, peak
             lambda p: ((p.q, p.q_codes), (p.k_cache, p.v_cache, p.code_cache))
         )(decode_prologue(q, k, v, cos, sin, pos, *c, mlp, implementation=impl))
         us = _median_call_us(fn, sets, args.reps, f"prologue {impl}", carry=(*cache, code_cache))
-        _row(results, f"prologue_{impl}", us, nbytes, peak, **cfg)
+        _row(results, f"prologue_{impl}", us, nbytes, args.peak_tbs, **cfg)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -400,7 +401,7 @@ def run(args: argparse.Namespace) -> dict:
                         del tcaches, dn_sets
                     del sp_sets
                 if "prologue" in ops:
-                    _bench_prologue(results, caches[0], qs, keys[5], cfg, calls, n, kv, h, w, args, peak)
+                    _bench_prologue(results, caches[0], qs, keys[5], cfg, args)
                 del caches, codes
                 with open(path, "w") as f:  # after every configuration: a timeout keeps what ran
                     json.dump(dict(meta=meta, results=results), f, indent=1)
