@@ -11,9 +11,9 @@ one program per (batch row, KV head):
 1. loads the G query heads of the group and the key as one [GP, H] tile (row G is the key), and their
    rotate-half partners (a permuted load), and applies RoPE in fp32 (``cos`` / ``sin`` [B, H] are the HF tables of
    each row's position); the result is rounded to the activation dtype, as the unfused path does;
-2. runs the hash MLP of its KV head on the tile (fp32, IEEE dots): layer l is ``x @ W_l[h] + b_l[h]``, SiLU after
-   the first layer if ``silu_first``, ``x + f(x)`` where the widths match if ``residual`` (SpotlightHash's MLP;
-   LinearHash is one layer without bias, SiLU or residual);
+2. runs the hash MLP of its KV head on the tile (fp32 values; TF32 dots when compiled, as XLA's fp32 dots on the
+   GPU): layer l is ``x @ W_l[h] + b_l[h]``, SiLU after the first layer if ``silu_first``, ``x + f(x)`` where the
+   widths match if ``residual`` (SpotlightHash's MLP; LinearHash is one layer without bias, SiLU or residual);
 3. packs the signs into W words per row (bit i of word w = feature 32 w + i > 0);
 4. stores the rotated queries and their codes, and writes the rotated key, the value and the key's code at row
    ``pos[b]`` of the caches, which are aliased in place (``input_output_aliases``).
@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
     _iota,
@@ -156,6 +157,10 @@ def _prologue_kernel(
     ck_out, cv_out = rest[-n_caches], rest[-n_caches + 1]
     code_out = rest[-1] if hashed else None
 
+    # The hash weights are loaded first: their latency overlaps the RoPE and the cache writes (a store to global
+    # memory keeps the loads after it behind it).
+    layers = [(w_ref[...], None if b_ref is None else b_ref[...]) for w_ref, b_ref in layer_refs]
+
     hd = q_ref.shape[-1]
     half = hd // 2
     col = _iota((hd,), 0)
@@ -182,37 +187,36 @@ def _prologue_kernel(
     if not hashed:
         return
     silu_first, residual = flags
-    # fp32-accurate dots: 3 x TF32 on the tensor cores when compiled (IEEE FMA dots spill: 7 KB of stack per
-    # thread at [16, 128] x [128, 128]); plain fp32 in interpret mode (the CPU has no TF32 algorithm).
-    precision = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    # TF32 dots on the tensor cores when compiled: the precision XLA's own fp32 dots have on the GPU by default, so
+    # the unfused path's codes are no more exact (a sign flips only for a feature within ~1e-3 of 0); 3 x TF32 cost
+    # ~3 us more per program on the H100 and IEEE FMA dots spill. Plain fp32 in interpret mode (no TF32 on the CPU).
+    precision = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32
 
     # Hash MLP on the queries (rows < G) and the key (row G and the padding rows).
     is_query = _iota((rows, hd), 0) < group
     x = jnp.where(is_query, q_rot, jnp.broadcast_to(k_rot[None, :], (rows, hd))).astype(jnp.float32)
-    for i, (w_ref, b_ref) in enumerate(layer_refs):
+    for i, (w, bias) in enumerate(layers):
         z = lax.dot_general(
-            x, w_ref[...].astype(jnp.float32), (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32, precision=precision,
-        )  # fmt: skip
-        if b_ref is not None:
-            z = z + b_ref[...].astype(jnp.float32)[None, :]
+            x, w.astype(jnp.float32), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
+        )
+        if bias is not None:
+            z = z + bias.astype(jnp.float32)[None, :]
         if i == 0 and silu_first:
             z = z / (1.0 + jnp.exp(-z))
         x = x + z if (residual and z.shape[-1] == x.shape[-1]) else z
 
-    # Sign bits -> W uint32 words per row (the shifted bits are disjoint, so their sum is their OR).
+    # Sign bits -> W uint32 words per row: the bits shifted to their place, summed over each word's 32 columns in
+    # one reduction (the shifted bits are disjoint, so their sum is their OR).
     bits = x.shape[-1]
     words = bits // 32
-    fcol = _iota((rows, bits), 1)
-    shifted = (x > 0).astype(jnp.uint32) << (fcol % 32).astype(jnp.uint32)  # [GP, bits]
-    wcol = _iota((rows, words), 1)
-    packed = jnp.zeros((rows, words), jnp.uint32)
-    for w in range(words):
-        word = jnp.sum(jnp.where(fcol // 32 == w, shifted, jnp.uint32(0)), axis=1)  # [GP]
-        packed = jnp.where(wcol == w, word[:, None], packed)
+    shifted = (x > 0).astype(jnp.uint32) << (_iota((rows, bits), 1) % 32).astype(jnp.uint32)  # [GP, bits]
+    packed = jnp.sum(shifted.reshape(rows, words, 32), axis=2)  # [GP, W]
+    # Query rows < G into q_codes [G, W]; the key's row G at row pos of the code cache [S, W] (masked lanes are
+    # indexed out of range too: see `store_head_rows`).
     store_head_rows(qc_out, packed, group)
-    key_words = jnp.sum(jnp.where(_iota((rows, words), 0) == group, packed, jnp.uint32(0)), axis=0)  # [W]
-    code_out[pos, :] = key_words
+    row, col = _iota((rows, words), 0), _iota((rows, words), 1)
+    key_row = jnp.where(row == group, pos, code_out.shape[0])
+    plgpu.store(code_out.at[key_row, col], packed, mask=row == group)
 
 
 @functools.partial(jax.jit, static_argnames=("num_warps", "interpret"))
@@ -289,7 +293,7 @@ def decode_prologue(
     mlp: HashMLP | None = None,  # the layer's hash MLP (needed with a code cache)
     *,
     implementation: str | None = None,
-    num_warps: int = 8,  # 4 warps spill the [16, 128] x [128, 128] 3 x TF32 dots (255 registers + 312 B of stack)
+    num_warps: int = 8,  # H100: 7.0-7.4 us per call at 8 warps, 8.7-9.5 at 4 (Qwen2.5-7B shapes, B1-B27)
     interpret: bool | None = None,  # None: $SPOTLIGHT_PALLAS_INTERPRET, else True off the GPU
 ) -> Prologue:
     """RoPE of q and k, hash codes of both (with ``mlp``), and the K / V / code writes at ``pos``, in one kernel."""
