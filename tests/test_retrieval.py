@@ -194,9 +194,10 @@ def _teacher_forced_logits(model, rcfg, hashes, tokens, prefill=8):
 def test_fused_prologue_decodes_as_the_unfused_ops(model, method):
     """RetrievalConfig.fused_prologue (RoPE, hashing and cache writes in one op) changes nothing in what decodes:
     same logits at a budget that does select (XLA reference of the op on CPU), and same generate() tokens."""
-    rcfg = RetrievalConfig(method=method, keep_ratio=0.2, min_keep=3, bits=64)
+    rcfg = RetrievalConfig(method=method, keep_ratio=0.2, min_keep=3, bits=64, fused_prologue=False)
     hashes = _stack(method, 64) if method in retrieval.CODE_METHODS else None
     fused = dataclasses.replace(rcfg, fused_prologue=True)
+    assert RetrievalConfig().fused_prologue  # the default
     tokens = jnp.asarray(_prompts([28, 28], seed=4))
     want = _teacher_forced_logits(model, rcfg, hashes, tokens)
     np.testing.assert_allclose(_teacher_forced_logits(model, fused, hashes, tokens), want, atol=2e-5, rtol=2e-5)
@@ -212,7 +213,7 @@ def test_fused_prologue_kernel_in_the_decode_step(model, monkeypatch):
     """With implementation="pallas" the decode step runs the prologue kernel (interpreted on CPU) and decodes as
     the unfused XLA path; a hash with its own query MLP falls back to the unfused ops on its layers."""
     tokens = jnp.asarray(_prompts([20, 20], seed=6))
-    base = RetrievalConfig(method="dense", implementation="xla")
+    base = RetrievalConfig(method="dense", implementation="xla", fused_prologue=False)
     kernel = dataclasses.replace(base, implementation="pallas", fused_prologue=True)
     want = _teacher_forced_logits(model, base, None, tokens, prefill=16)
     np.testing.assert_allclose(_teacher_forced_logits(model, kernel, None, tokens, prefill=16), want, atol=2e-5)
@@ -234,6 +235,6 @@ def test_fused_prologue_kernel_in_the_decode_step(model, monkeypatch):
 
     sparse = RetrievalConfig(method="spotlight", bits=64, implementation="pallas")
     assert trace(dataclasses.replace(sparse, fused_prologue=True), _stack("spotlight", 64)) == [0, 0, 1, 1]
-    assert trace(sparse, _stack("spotlight", 64)) == []
+    assert trace(dataclasses.replace(sparse, fused_prologue=False), _stack("spotlight", 64)) == []
     own_query_mlp = HashStack(CFG, HashConfig(bits=64, separate_query_mlp=True), rngs=nnx.Rngs(5))
     assert trace(dataclasses.replace(sparse, fused_prologue=True), own_query_mlp) == [0, 0]  # dense layers only
