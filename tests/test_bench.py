@@ -1,6 +1,8 @@
 """The benchmark CLIs' pure parts: variant specs, roofline bytes, method modifiers, profile arithmetic, the timing
 harness's call chaining (no timing is asserted)."""
 
+import argparse
+
 import jax.numpy as jnp
 import pytest
 
@@ -46,6 +48,7 @@ def test_method_modifiers():
     assert method_fields("spotlight+3launch+sink2")["topk_one_launch"] is False
     assert method_fields("dense+prologue") == {"method": "dense", "fused_prologue": True}  # dense layers fuse too
     assert method_fields("spotlight+prologue+1launch")["fused_prologue"] is True
+    assert method_fields("dense+noprologue") == {"method": "dense", "fused_prologue": False}  # the default is fused
     with pytest.raises(SystemExit):
         method_fields("dense+1launch")
     with pytest.raises(SystemExit):
@@ -68,6 +71,39 @@ def test_timing_chains_a_carry_through_the_calls():
     sets = [(jnp.full((4,), float(i)),) for i in range(3)]
     us = kernels._median_call_us(fn, sets, reps=1, min_calls=6, carry=jnp.zeros(4))
     assert isinstance(us, float) and len(seen) == 3 + 6  # the n-call jit and the 2n-call jit, each traced once
+
+
+def test_chained_carry_copy_is_not_device_time():
+    """The profiled jit's one copy of the carry (MemcpyD2D) is the harness's, not the op's (H100: 810 us of a
+    B27 cache copy vs a 10 us prologue kernel)."""
+    total, per_kernel = kernels._without_carry_copy(820.5, {"MemcpyD2D": 810.0, "decode_prologue": 10.5})
+    assert total == pytest.approx(10.5) and per_kernel == {"decode_prologue": 10.5}
+    assert kernels._without_carry_copy(5.0, {"k": 5.0}) == (5.0, {"k": 5.0})
+
+
+def test_kernels_table_has_a_row_per_configuration():
+    """`bench kernels` writes one table row per (shape, batch, length): wall (device) [target], and cuDNN's time over
+    top-k + attention's."""
+    cfg = dict(model="qwen2.5-7b", batch=8, length=131072)
+    results = [
+        dict(op="topk_pallas(bs=1024,T=32,w=8)", us=60.8, device_us=45.3, target_us=33.5, **cfg),
+        dict(op="spotlight_pallas(topk+attention)", us=92.8, device_us=70.1, **cfg),
+        dict(op="dense_cudnn", us=719.1, device_us=698.3, **cfg),
+        dict(op="attention_pallas", us=9.0, target_us=8.0, **{**cfg, "length": 32768}),
+    ]
+    lines = kernels.markdown_table({"device": "gpu:H100", "jax": "0.11.2", "date": "d"}, results).splitlines()
+    rows = [line for line in lines if line.startswith("| qwen")]
+    assert len(rows) == 2 and "| 128K |" in rows[0] and "| 32K |" in rows[1]
+    assert "60.8 (45.3) [33.5]" in rows[0] and rows[0].endswith("| 7.7× (10.0×) |")
+    assert "9.0 [8.0]" in rows[1]
+
+
+def test_unknown_model_shape_is_a_clear_error():
+    parser = argparse.ArgumentParser()
+    kernels.add_arguments(parser)
+    args = parser.parse_args(["--models", "llama3-8b", "--out", "/dev/null"])
+    with pytest.raises(SystemExit, match="unknown model shape.*llama-3-8b"):
+        kernels.run(args)
 
 
 def test_kernel_categories_of_a_decode_step():
