@@ -188,8 +188,9 @@ def _prologue_kernel(
         return
     silu_first, residual = flags
     # TF32 dots on the tensor cores when compiled: the precision XLA's own fp32 dots have on the GPU by default, so
-    # the unfused path's codes are no more exact (a sign flips only for a feature within ~1e-3 of 0); 3 x TF32 cost
-    # ~3 us more per program on the H100 and IEEE FMA dots spill. Plain fp32 in interpret mode (no TF32 on the CPU).
+    # the unfused path's codes are no more exact (a sign flips only for a feature within ~1e-3 of 0). 3 x TF32 tripled
+    # the HMMAs (H100: 9.8 us per call with them and the weights loaded late, 7.5 with neither); IEEE FMA dots spill.
+    # Plain fp32 in interpret mode (no TF32 on the CPU).
     precision = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32
 
     # Hash MLP on the queries (rows < G) and the key (row G and the padding rows).
