@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tensor-parallel decode on a multi-GPU machine (e.g. the device tool's nvidia-h200-x2):
 #   TP=2 scripts/gpu_tp.sh            dense vs spotlight at 128K, batch 1 and the largest dense batch, per-kernel profile
-#   TP=2 BATCH="24 28" scripts/gpu_tp.sh   explicit batches (METHODS, CONTEXT, STEPS, MEM_FRACTION likewise)
+#   TP=2 BATCH="24 28" scripts/gpu_tp.sh   explicit batches (METHODS, CONTEXT, STEPS, MEM_FRACTION likewise;
+#   e.g. METHODS="dense spotlight spotlight+noprologue" to time the unfused decode prologue beside the default)
 # Results land in $OUT (device tool) or experiments/results/ as generate_tp<N>.{json,md} plus the log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
