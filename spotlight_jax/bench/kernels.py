@@ -246,8 +246,7 @@ def markdown_table(meta: dict, results: list[dict]) -> str:
         def get(prefix, rows=rows):
             return next((r for r in rows if r["op"] == prefix or r["op"].startswith(prefix + "(")), None)
 
-        topk = next((r for r in rows if r["op"].startswith("topk_pallas")), None)
-        both, cudnn = get("spotlight_pallas"), get("dense_cudnn")
+        topk, both, cudnn = get("topk_pallas"), get("spotlight_pallas"), get("dense_cudnn")
         ratio = ""
         if both and cudnn:
             ratio = f"{cudnn['us'] / both['us']:.1f}×"
@@ -301,16 +300,16 @@ def _bench_prologue(results, cache, qs, key, cfg, args):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pallas_kernels import hamming_topk_reference, sparse_decode_attention_reference
-    from pallas_kernels.hamming_topk import hamming_topk_rows, hamming_topk_rows_stats
-    from pallas_kernels.sparse_decode_attention import sparse_decode_attention_rows
-
     if args.table:
         for path in args.table:
             with open(path) as f:
                 run_ = json.load(f)
             print(markdown_table(run_["meta"], run_["results"]))
         return {}
+    from pallas_kernels import hamming_topk_reference, sparse_decode_attention_reference
+    from pallas_kernels.hamming_topk import hamming_topk_rows, hamming_topk_rows_stats
+    from pallas_kernels.sparse_decode_attention import sparse_decode_attention_rows
+
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         raise SystemExit(f"bench kernels: unknown model shape(s) {unknown}; choose from {', '.join(MODELS)}")
