@@ -348,10 +348,40 @@ def _partial_buffers(bk: int, num_parts: int, group: int, head_dim: int):
     return [_row_spec(*d) for d in dims], [jax.ShapeDtypeStruct((bk, *d), jnp.float32) for d in dims]
 
 
-def merge_partials_call(o, m, l_sum, out_dtype, *, num_warps: int = 4, interpret: bool = False, name: str = "merge"):
-    """``combine="kernel"``: one Pallas launch merging o [BK, C, G, H], m / l [BK, C, G] -> [BK, G, H]."""
+# Programs the merge launch aims for (two per H100 SM): its grid is (BK, H / HB), so at batch 1 the columns of a row
+# are split finely (HB down to 8 f32 = one 32-byte sector per (part, head)). Each program's chain is a few dependent
+# loads of its [CB, GQ, HB] tiles, and a narrower HB lets one tile hold more parts (fewer steps).
+MERGE_PROGRAMS = 264
+MERGE_MIN_BLOCK_H = 8
+
+
+def merge_block_h(bk: int, head_dim: int) -> int:
+    """HB: head_dim columns per program of the merge launch: halved from H until BK * H / HB reaches
+    ``MERGE_PROGRAMS`` or HB reaches ``MERGE_MIN_BLOCK_H``."""
+    hb = head_dim
+    while hb > MERGE_MIN_BLOCK_H and hb % 2 == 0 and bk * (head_dim // hb) < MERGE_PROGRAMS:
+        hb //= 2
+    return hb
+
+
+def merge_partials_call(
+    o,
+    m,
+    l_sum,
+    out_dtype,
+    *,
+    block_h: int | None = None,
+    num_warps: int = 4,
+    interpret: bool = False,
+    name: str = "merge",
+):
+    """``combine="kernel"``: one Pallas launch merging o [BK, C, G, H], m / l [BK, C, G] -> [BK, G, H].
+
+    Grid (BK, H / HB), ``block_h`` = HB (None: :func:`merge_block_h`)."""
     bk, num_parts, group, h = o.shape
-    hb = h // 4 if h >= 64 else h  # grid (BK, H / HB): the merge of a row is spread over 4 programs
+    hb = merge_block_h(bk, h) if block_h is None else block_h
+    if h % hb:
+        raise ValueError(f"merge block_h={hb} must divide head_dim={h}")
 
     def kernel(o_ref, m_ref, l_ref, out_ref):
         col0 = pl.multiple_of(pl.program_id(1) * hb, hb)
@@ -400,9 +430,11 @@ def split_k_attention(
     num_stages: int,
     interpret: bool,
     name: str,
+    merge_block_h: int | None = None,
 ):
     """Flash-decoding launch: ``body(*in_refs) -> (o [GP, H], m [GP], l [GP])`` runs as program (r, c) of
-    ``grid`` = (BK, C); the C partials of each row are merged as ``combine`` says -> [BK, G, H] ``out_dtype``.
+    ``grid`` = (BK, C); the C partials of each row are merged as ``combine`` says -> [BK, G, H] ``out_dtype``
+    (``merge_block_h``: columns per program of the ``"kernel"`` merge, None = automatic).
     """
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
@@ -456,7 +488,9 @@ def split_k_attention(
         return outs[-1]
     if combine == "xla":
         return combine_partials(*outs).astype(out_dtype)
-    return merge_partials_call(*outs, out_dtype, num_warps=num_warps, interpret=interpret, name=f"{name}_merge")
+    return merge_partials_call(
+        *outs, out_dtype, block_h=merge_block_h, num_warps=num_warps, interpret=interpret, name=f"{name}_merge"
+    )
 
 
 def next_pow2(n: int) -> int:

@@ -141,6 +141,11 @@ def _live_budget(budget, b, k):
     return jnp.minimum(jnp.asarray(budget, jnp.int32), k)
 
 
+def kernel_budget(budget, b: int, k: int):
+    """[B] int32 budget for the Pallas top-k, which clamps it to ``k`` itself (no separate XLA ``minimum``)."""
+    return jnp.full((b,), k, jnp.int32) if budget is None else jnp.asarray(budget, jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def hamming_topk_reference(
     q_codes,  # [B, N, W] uint32
@@ -754,7 +759,7 @@ def _compact_kernel(
     blk=None,
 ):
     # refs: [lo_ref [NBP] int32], h_ref [NBP, T] int32 (last pass, step 1), s_ref [SPAN] int16,
-    #       idx_ref [k] int32 out, sc_ref [k] int32 out, nv_ref [1] int32 out
+    #       idx_ref [k] int32 out, sc_ref [k] int32 out, nv_ref [1] int32 out (the row's; every block writes it)
     if has_prev_lo:
         lo_ref, h_ref, s_ref, idx_ref, sc_ref, nv_ref = refs
     else:
@@ -990,8 +995,8 @@ def _one_launch_kernel(
     max_spins: int,
 ):
     # refs: counts_0 .. counts_{L-1} [BK, NBP, T] int32, lo_1 .. lo_{L-1} [BK, NBP] int32, idx [BK, k] int32,
-    #       sc [BK, k] int32, nv [BK, NBP] int32, sync [BK + 1, L] int32 (row r: arrivals per counting pass;
-    #       [BK, 0]: stalls)
+    #       sc [BK, k] int32, nv [BK] int32 (every block of a row writes the same count),
+    #       sync [BK + 1, L] int32 (row r: arrivals per counting pass; [BK, 0]: stalls)
     del sync_in_ref
     counts, los = refs[:levels], refs[levels : 2 * levels - 1]
     idx_ref, sc_ref, nv_ref, sync_ref = refs[2 * levels - 1 :]
@@ -1042,7 +1047,7 @@ def _one_launch_kernel(
     def _():
         prev = after(levels)
         k = idx_ref.shape[1]
-        out = _Window(idx_ref, (r,), 0, k), _Window(sc_ref, (r,), 0, k), _Window(nv_ref, (r,), blk, 1)
+        out = _Window(idx_ref, (r,), 0, k), _Window(sc_ref, (r,), 0, k), _Window(nv_ref, (), r, 1)
         compact_kernel(row_kk, row_len, *prev, table[levels - 1], scores, *out, blk=blk)
 
 
@@ -1127,6 +1132,7 @@ def hamming_topk_rows_stats(
     table = jax.ShapeDtypeStruct((bk, nbp, t), jnp.int32)
     per_block = jax.ShapeDtypeStruct((bk, nbp), jnp.int32)
     out_rows = [jax.ShapeDtypeStruct((bk, k), jnp.int32)] * 2
+    n_valid = jax.ShapeDtypeStruct((bk,), jnp.int32)  # written whole by the compaction: no slice after the kernel
 
     if one_launch:
         qc, codes = _as_rows(q_codes, k_codes)
@@ -1149,14 +1155,14 @@ def hamming_topk_rows_stats(
         outs = pl.pallas_call(
             kernel,
             grid=((levels + 1) * bk * nb,),
-            out_shape=[*out_shape, *out_rows, per_block, sync],
+            out_shape=[*out_shape, *out_rows, n_valid, sync],
             input_output_aliases={4: len(out_shape) + 3},
             compiler_params=params,
             interpret=interpret,
             name="hamming_topk_one_launch",
         )(qc, lengths, budget, codes, jnp.zeros(sync.shape, jnp.int32))
         idx, sc, nv, sync_out = outs[-4:]
-        return idx, sc, nv[:, 0], sync_out[bk, 0]
+        return idx, sc, nv, sync_out[bk, 0]
 
     scores, counts = _scores_pass(
         q_codes, k_codes, lengths, score_kernel, span=span, num_thresholds=t, num_warps=num_warps, interpret=interpret
@@ -1186,13 +1192,13 @@ def hamming_topk_rows_stats(
         compact,
         grid=(bk, nb),
         in_specs=[row_spec, row_spec] + ([] if lo is None else [lo_in_spec]) + [counts_spec, score_spec],
-        out_specs=[out_row_spec, out_row_spec, block_spec],
-        out_shape=[*out_rows, per_block],
+        out_specs=[out_row_spec, out_row_spec, pl.BlockSpec((1,), lambda r, i: (r,))],
+        out_shape=[*out_rows, n_valid],
         compiler_params=params,
         interpret=interpret,
         name="hamming_compact",
     )(budget, lengths, *extra, counts, scores)
-    return idx, sc, nv[:, 0], jnp.int32(0)
+    return idx, sc, nv, jnp.int32(0)
 
 
 def hamming_topk_rows(q_codes, k_codes, lengths, budget, **kwargs):
@@ -1260,7 +1266,7 @@ def hamming_topk(
     lengths = jnp.asarray(lengths, jnp.int32)
     if resolve_implementation(implementation) == "xla":
         return hamming_topk_reference(q_codes, k_codes, lengths, k, budget)
-    live = _live_budget(budget, b, k)
+    live = kernel_budget(budget, b, k)
     idx, sc, nv = hamming_topk_rows(
         q_codes,
         k_codes,

@@ -91,7 +91,8 @@ def default_chunk(num_slots: int, num_rows: int, block_t: int, target_programs: 
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "block_t", "chunk", "combine", "num_warps", "num_stages", "interpret")
+    jax.jit,
+    static_argnames=("scale", "block_t", "chunk", "combine", "merge_block_h", "num_warps", "num_stages", "interpret"),
 )
 def sparse_decode_attention_rows(
     q,  # [B, N, H]
@@ -104,13 +105,15 @@ def sparse_decode_attention_rows(
     block_t: int = 32,
     chunk: int | None = None,
     combine: str = "kernel",
+    merge_block_h: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
 ):
     """Pallas sparse decode attention on row-flattened selections; returns [B, N, H] in q's dtype.
 
-    ``combine``: "atomic" | "kernel" | "xla", how the chunks' partials are merged (module docstring).
+    ``combine``: "atomic" | "kernel" | "xla", how the chunks' partials are merged (module docstring);
+    ``merge_block_h``: head_dim columns per program of the "kernel" merge (None: ``_common.merge_block_h``).
     """
     b, n, h = q.shape
     kv = k_cache.shape[1]
@@ -148,6 +151,7 @@ def sparse_decode_attention_rows(
         num_stages=num_stages,
         interpret=interpret,
         name="sparse_decode_attention",
+        merge_block_h=merge_block_h,
     )  # [BK, G, H]
     return out.reshape(b, n, h)
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import resolve_implementation
-from pallas_kernels.hamming_topk import ONE_LAUNCH, _live_budget, hamming_topk_reference, hamming_topk_rows
+from pallas_kernels.hamming_topk import ONE_LAUNCH, hamming_topk_reference, hamming_topk_rows, kernel_budget
 from pallas_kernels.sparse_decode_attention import (
     sparse_decode_attention_reference,
     sparse_decode_attention_rows,
@@ -57,7 +57,7 @@ def spotlight_attention(
     lengths = jnp.asarray(lengths, jnp.int32)
     if resolve_implementation(implementation) == "xla":
         return spotlight_attention_reference(q, k_cache, v_cache, q_codes, k_codes, lengths, k, budget, scale)
-    live = _live_budget(budget, q.shape[0], k)
+    live = kernel_budget(budget, q.shape[0], k)
     return _spotlight_attention_pallas(
         q,
         k_cache,

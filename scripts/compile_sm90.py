@@ -6,6 +6,7 @@ from triton's bundled CUDA tools. A check of what ptxas makes of a kernel before
 
     python scripts/compile_sm90.py topk B:K:N:S [--one-launch]
     python scripts/compile_sm90.py prologue B:N:K:H:BITS:LAYERS [--no-hash]      (e.g. 27:14:2:128:128:2)
+    python scripts/compile_sm90.py attention B:N:K:S:H --num-warps 4              (sparse attention + its merge)
 
 Needs ``pip install triton`` (3.x with the NVIDIA backend); nothing runs on a GPU.
 """
@@ -64,20 +65,36 @@ def _lower_prologue(spec: str, hashed: bool) -> None:
     jax.jit(lambda *a: decode_prologue(*a, implementation="pallas")).trace(*args).lower(lowering_platforms=("cuda",))
 
 
+def _lower_attention(spec: str) -> None:
+    from pallas_kernels.sparse_decode_attention import sparse_decode_attention_rows
+
+    b, n, kv, s, h = map(int, spec.split(":"))
+    k = max(1, int(0.02 * s))
+    S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    args = (S((b, n, h), bf), S((b, kv, s, h), bf), S((b, kv, s, h), bf), S((b * kv, k), jnp.int32))
+    args += (S((b * kv,), jnp.int32),)
+    jax.jit(sparse_decode_attention_rows).trace(*args).lower(lowering_platforms=("cuda",))
+
+
 def _count(opcode: str, sass: str) -> int:
     return len(re.findall(r"\b" + opcode + r"\b", sass))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kernel", choices=["topk", "prologue"])
+    p.add_argument("kernel", choices=["topk", "prologue", "attention"])
     p.add_argument("shape")
     p.add_argument("--one-launch", action="store_true", help="topk: the one-launch kernel")
     p.add_argument("--no-hash", action="store_true", help="prologue: RoPE + K / V writes only")
-    p.add_argument("--num-warps", type=int, default=8, help="warps of the compiled kernel (both ops default to 8)")
+    p.add_argument(
+        "--num-warps", type=int, default=8, help="warps of the compiled kernel (top-k / prologue: 8, attention: 4)"
+    )
+    p.add_argument("--num-stages", type=int, default=2, help="software pipelining stages (the kernels ask for 2)")
     args = p.parse_args()
     if args.kernel == "topk":
         _lower_topk(args.shape, args.one_launch)
+    elif args.kernel == "attention":
+        _lower_attention(args.shape)
     else:
         _lower_prologue(args.shape, not args.no_hash)
 
@@ -91,7 +108,9 @@ def main() -> None:
         path = f"/tmp/compile_sm90_{i}.ttir"
         with open(path, "w") as f:
             f.write(module)
-        compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        compiled = triton.compile(
+            path, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": args.num_stages}
+        )
         with open(path + ".cubin", "wb") as f:
             f.write(compiled.asm["cubin"])
         res = subprocess.run([cuobjdump, "-res-usage", path + ".cubin"], capture_output=True, text=True).stdout

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import dense_decode_attention_reference, sparse_decode_attention, sparse_decode_attention_reference
-from pallas_kernels._common import cdiv, merge_group_size
+from pallas_kernels._common import MERGE_PROGRAMS, cdiv, merge_block_h, merge_group_size
 from pallas_kernels.sparse_decode_attention import sparse_decode_attention_rows
 from tests.kernel_test_base import INTERPRET, rng
 
@@ -119,6 +119,31 @@ def test_combine_modes_many_chunks(combine, dtype):
     assert got.dtype == dtype and got.shape == q.shape
     np.testing.assert_array_equal(np.asarray(got[0, n // kv :], np.float32), 0.0)  # row with no valid slot
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_merge_block_h_rule():
+    assert merge_block_h(4, 128) == 8  # batch 1, 4 KV heads: 64 programs of 8 columns
+    assert merge_block_h(32, 128) == 8  # 32 * 16 = 512 >= MERGE_PROGRAMS after 256 < it
+    assert merge_block_h(MERGE_PROGRAMS, 128) == 128  # enough rows: one program per row
+    assert merge_block_h(1, 4) == 4  # never below the head_dim
+
+
+@pytest.mark.parametrize("block_h", [8, 32, 128])
+def test_merge_kernel_column_blocks(block_h):
+    """The "kernel" merge gives the same output whatever columns each of its programs takes."""
+    b, n, kv, s, h, kk = (COMBINE_CASE[k] for k in ("b", "n", "kv", "s", "h", "kk"))
+    q, kc, vc, idx, _ = _inputs(b, n, kv, s, h, kk, jnp.float32, seed=23)
+    n_valid = jnp.asarray(COMBINE_CASE["n_valid"], jnp.int32)
+    valid = (jnp.arange(kk)[None] < n_valid[:, None]).reshape(b, kv, kk)
+    want = _numpy_attention(q, kc, vc, idx, valid, 1 / np.sqrt(h))
+    got = sparse_decode_attention_rows(
+        q, kc, vc, idx.reshape(b * kv, kk), n_valid, chunk=16, block_t=16, merge_block_h=block_h, interpret=INTERPRET
+    )
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="block_h"):
+        sparse_decode_attention_rows(
+            q, kc, vc, idx.reshape(b * kv, kk), n_valid, chunk=16, merge_block_h=48, interpret=INTERPRET
+        )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])

@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="selected slots per attention program to compare, e.g. '0,64,128' (0 = the default, default_chunk)",
     )
     parser.add_argument(
+        "--attention-merge-hb",
+        default="0",
+        help="head_dim columns per program of the split-k merge launch to compare, e.g. '0,32' (0 = automatic, "
+        "_common.merge_block_h)",
+    )
+    parser.add_argument(
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -335,6 +341,7 @@ def run(args: argparse.Namespace) -> dict:
     dense_lengths = {int(x) for x in args.dense_lengths.split(",") if x}
     combines = [c for c in args.attention_combines.split(",") if c]
     chunks = [int(c) for c in args.attention_chunks.split(",") if c]
+    merge_hbs = [int(c) for c in args.attention_merge_hb.split(",") if c]
     results = []
     key = jax.random.PRNGKey(0)
     w = args.bits // 32
@@ -404,12 +411,15 @@ def run(args: argparse.Namespace) -> dict:
                     ]
                     nvalid = jnp.full((b * kv,), k, jnp.int32)
                     att_sets = [(qs[i], *caches[i % ncache], idx_sets[i], nvalid) for i in range(calls)]
-                    for comb, chunk in [(c, ch) for c in combines for ch in chunks]:
-                        fn = lambda q, kc, vc, ix, nv, comb=comb, chunk=chunk: sparse_decode_attention_rows(
-                            q, kc, vc, ix, nv, combine=comb, chunk=chunk or None
+                    for comb, chunk, hb in [(c, ch, hb) for c in combines for ch in chunks for hb in merge_hbs]:
+                        if hb and comb != "kernel":
+                            continue  # the merge launch's columns only matter to the "kernel" merge
+                        fn = lambda q, kc, vc, ix, nv, comb=comb, chunk=chunk, hb=hb: sparse_decode_attention_rows(
+                            q, kc, vc, ix, nv, combine=comb, chunk=chunk or None, merge_block_h=hb or None
                         )
-                        us = _median_call_us(fn, att_sets, args.reps, f"attention {comb} chunk={chunk}")
+                        us = _median_call_us(fn, att_sets, args.reps, f"attention {comb} chunk={chunk} hb={hb}")
                         mods = ([] if comb == "kernel" else [f"combine={comb}"]) + ([f"chunk={chunk}"] if chunk else [])
+                        mods += [f"merge_hb={hb}"] if hb else []
                         _row(
                             results,
                             "attention_pallas" + (f"({','.join(mods)})" if mods else ""),
