@@ -348,17 +348,18 @@ def _partial_buffers(bk: int, num_parts: int, group: int, head_dim: int):
     return [_row_spec(*d) for d in dims], [jax.ShapeDtypeStruct((bk, *d), jnp.float32) for d in dims]
 
 
-# Programs the merge launch aims for (two per H100 SM): its grid is (BK, H / HB), so at batch 1 the columns of a row
-# are split finely (HB down to 8 f32 = one 32-byte sector per (part, head)). Each program's chain is a few dependent
-# loads of its [CB, GQ, HB] tiles, and a narrower HB lets one tile hold more parts (fewer steps).
-MERGE_PROGRAMS = 264
+# The merge launch's grid is (BK, H / HB). H / 4 columns per program (4 programs per row) unless that leaves fewer than
+# MERGE_PROGRAMS programs; then HB halves down to MERGE_MIN_BLOCK_H (8 f32 = one 32-byte sector per (part, head)): a
+# program's chain is a few dependent loads of its [CB, GQ, HB] tiles, and a narrower HB also lets a tile hold more
+# parts (fewer steps). Measured (H100, jax 0.11.2, 2026-11-23, merge kernel device us, Qwen2.5-7B shape, HB 8 / 32):
+# b1 (BK 4) 128K 2.50 / 3.33, 512K 4.05 / 5.47; b8 (BK 32) 128K 2.96 / 2.22, 512K 2.98 / 2.54: finer only at batch 1.
+MERGE_PROGRAMS = 128
 MERGE_MIN_BLOCK_H = 8
 
 
 def merge_block_h(bk: int, head_dim: int) -> int:
-    """HB: head_dim columns per program of the merge launch: halved from H until BK * H / HB reaches
-    ``MERGE_PROGRAMS`` or HB reaches ``MERGE_MIN_BLOCK_H``."""
-    hb = head_dim
+    """HB: head_dim columns per program of the merge launch (see ``MERGE_PROGRAMS``)."""
+    hb = head_dim // 4 if head_dim >= 64 else head_dim
     while hb > MERGE_MIN_BLOCK_H and hb % 2 == 0 and bk * (head_dim // hb) < MERGE_PROGRAMS:
         hb //= 2
     return hb

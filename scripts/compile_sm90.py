@@ -6,7 +6,7 @@ from triton's bundled CUDA tools. A check of what ptxas makes of a kernel before
 
     python scripts/compile_sm90.py topk B:K:N:S [--one-launch]
     python scripts/compile_sm90.py prologue B:N:K:H:BITS:LAYERS [--no-hash]      (e.g. 27:14:2:128:128:2)
-    python scripts/compile_sm90.py attention B:N:K:S:H --num-warps 4              (sparse attention + its merge)
+    python scripts/compile_sm90.py attention B:N:K:S:H --num-warps 4              (sparse attention + its merge; :BT = slots per step)
 
 Needs ``pip install triton`` (3.x with the NVIDIA backend); nothing runs on a GPU.
 """
@@ -14,6 +14,7 @@ Needs ``pip install triton`` (3.x with the NVIDIA backend); nothing runs on a GP
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -68,12 +69,13 @@ def _lower_prologue(spec: str, hashed: bool) -> None:
 def _lower_attention(spec: str) -> None:
     from pallas_kernels.sparse_decode_attention import sparse_decode_attention_rows
 
-    b, n, kv, s, h = map(int, spec.split(":"))
+    b, n, kv, s, h, *bt = map(int, spec.split(":"))
     k = max(1, int(0.02 * s))
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     args = (S((b, n, h), bf), S((b, kv, s, h), bf), S((b, kv, s, h), bf), S((b * kv, k), jnp.int32))
     args += (S((b * kv,), jnp.int32),)
-    jax.jit(sparse_decode_attention_rows).trace(*args).lower(lowering_platforms=("cuda",))
+    fn = functools.partial(sparse_decode_attention_rows, block_t=bt[0] if bt else 32)
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
 def _count(opcode: str, sass: str) -> int:

@@ -9,7 +9,7 @@ import pytest
 from spotlight_jax.bench import kernels
 from spotlight_jax.bench.common import busy_and_span, kernel_categories
 from spotlight_jax.bench.generate import add_speedups, kv_bytes_per_token, method_fields, step_roofline_bytes
-from spotlight_jax.bench.kernels import _topk_variant, _variant_name
+from spotlight_jax.bench.kernels import _attention_variant, _topk_variant, _variant_name
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 
 
@@ -26,6 +26,13 @@ def test_topk_variant_specs():
     assert _topk_variant("one=1")["one_launch"] is True
     with pytest.raises(SystemExit, match="unknown top-k variant key 'x'"):
         _topk_variant("x=1")
+
+
+def test_attention_variant_specs():
+    assert _attention_variant("bt=64,w=8,st=3,hb=32") == dict(block_t=64, num_warps=8, num_stages=3, merge_block_h=32)
+    for bad in ("x=1", "bt", "bt=a"):
+        with pytest.raises(SystemExit, match="bad attention variant item"):
+            _attention_variant(bad)
 
 
 def test_roofline_bytes_split_over_tensor_parallel_devices():

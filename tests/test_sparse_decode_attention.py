@@ -122,10 +122,11 @@ def test_combine_modes_many_chunks(combine, dtype):
 
 
 def test_merge_block_h_rule():
-    assert merge_block_h(4, 128) == 8  # batch 1, 4 KV heads: 64 programs of 8 columns
-    assert merge_block_h(32, 128) == 8  # 32 * 16 = 512 >= MERGE_PROGRAMS after 256 < it
-    assert merge_block_h(MERGE_PROGRAMS, 128) == 128  # enough rows: one program per row
-    assert merge_block_h(1, 4) == 4  # never below the head_dim
+    assert merge_block_h(4, 128) == 8  # batch 1, 4 KV heads: 64 programs of 8 columns (not below 8)
+    assert merge_block_h(16, 128) == 16  # 16 rows x 8 column blocks = MERGE_PROGRAMS
+    assert merge_block_h(32, 128) == 32  # enough rows: 4 programs per row
+    assert merge_block_h(MERGE_PROGRAMS, 128) == 32
+    assert merge_block_h(1, 4) == 4  # small heads: one program per row
 
 
 @pytest.mark.parametrize("block_h", [8, 32, 128])

@@ -66,10 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="selected slots per attention program to compare, e.g. '0,64,128' (0 = the default, default_chunk)",
     )
     parser.add_argument(
-        "--attention-merge-hb",
-        default="0",
-        help="head_dim columns per program of the split-k merge launch to compare, e.g. '0,32' (0 = automatic, "
-        "_common.merge_block_h)",
+        "--attention-variants",
+        default="",
+        help="extra sparse_decode_attention_rows settings, ';'-separated, keyed 'bt=64,w=8,st=3,hb=32' (bt block_t: "
+        "slots per step, w num_warps, st num_stages, hb merge_block_h: head_dim columns per merge program)",
     )
     parser.add_argument(
         "--profile",
@@ -99,6 +99,18 @@ TOPK_KEYS = {  # short name in a --topk-variants spec -> hamming_topk_rows keywo
     "one": "one_launch",
 }
 TOPK_DEFAULT = {"block_s": 1024, "num_thresholds": 32, "num_warps": 8}
+ATTENTION_KEYS = {"bt": "block_t", "w": "num_warps", "st": "num_stages", "hb": "merge_block_h"}
+
+
+def _attention_variant(spec: str) -> dict:
+    """sparse_decode_attention_rows keywords from a keyed spec 'bt=64,w=8,st=3,hb=32' (see ``ATTENTION_KEYS``)."""
+    kw = {}
+    for item in spec.split(","):
+        key, _, val = item.partition("=")
+        if key not in ATTENTION_KEYS or not val.isdigit():
+            raise SystemExit(f"bad attention variant item {item!r} in {spec!r}; keys: {', '.join(ATTENTION_KEYS)}")
+        kw[ATTENTION_KEYS[key]] = int(val)
+    return kw
 
 
 def _topk_variant(spec: str) -> dict:
@@ -341,7 +353,7 @@ def run(args: argparse.Namespace) -> dict:
     dense_lengths = {int(x) for x in args.dense_lengths.split(",") if x}
     combines = [c for c in args.attention_combines.split(",") if c]
     chunks = [int(c) for c in args.attention_chunks.split(",") if c]
-    merge_hbs = [int(c) for c in args.attention_merge_hb.split(",") if c]
+    att_variants = [{}] + [_attention_variant(v) for v in args.attention_variants.split(";") if v]
     results = []
     key = jax.random.PRNGKey(0)
     w = args.bits // 32
@@ -411,15 +423,14 @@ def run(args: argparse.Namespace) -> dict:
                     ]
                     nvalid = jnp.full((b * kv,), k, jnp.int32)
                     att_sets = [(qs[i], *caches[i % ncache], idx_sets[i], nvalid) for i in range(calls)]
-                    for comb, chunk, hb in [(c, ch, hb) for c in combines for ch in chunks for hb in merge_hbs]:
-                        if hb and comb != "kernel":
-                            continue  # the merge launch's columns only matter to the "kernel" merge
-                        fn = lambda q, kc, vc, ix, nv, comb=comb, chunk=chunk, hb=hb: sparse_decode_attention_rows(
-                            q, kc, vc, ix, nv, combine=comb, chunk=chunk or None, merge_block_h=hb or None
+                    for comb, chunk, kw in [(c, ch, kw) for c in combines for ch in chunks for kw in att_variants]:
+                        fn = lambda q, kc, vc, ix, nv, comb=comb, chunk=chunk, kw=kw: sparse_decode_attention_rows(
+                            q, kc, vc, ix, nv, combine=comb, chunk=chunk or None, **kw
                         )
-                        us = _median_call_us(fn, att_sets, args.reps, f"attention {comb} chunk={chunk} hb={hb}")
                         mods = ([] if comb == "kernel" else [f"combine={comb}"]) + ([f"chunk={chunk}"] if chunk else [])
-                        mods += [f"merge_hb={hb}"] if hb else []
+                        short = {v: k for k, v in ATTENTION_KEYS.items()}
+                        mods += [f"{short[key]}={val}" for key, val in kw.items()]
+                        us = _median_call_us(fn, att_sets, args.reps, f"attention {','.join(mods) or 'default'}")
                         _row(
                             results,
                             "attention_pallas" + (f"({','.join(mods)})" if mods else ""),
