@@ -6,7 +6,7 @@ from triton's bundled CUDA tools. A check of what ptxas makes of a kernel before
 
     python scripts/compile_sm90.py topk B:K:N:S [--one-launch]
     python scripts/compile_sm90.py prologue B:N:K:H:BITS:LAYERS [--no-hash]      (e.g. 27:14:2:128:128:2)
-    python scripts/compile_sm90.py attention B:N:K:S:H --num-warps 4              (sparse attention + its merge; :BT = slots per step)
+    python scripts/compile_sm90.py attention B:N:K:S:H[:BT] --num-warps 4         (sparse attention + its merge)
 
 Needs ``pip install triton`` (3.x with the NVIDIA backend); nothing runs on a GPU.
 """
