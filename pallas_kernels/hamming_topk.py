@@ -135,15 +135,14 @@ def hamming_scores_reference(
     return jnp.sum(lax.population_count(x).astype(jnp.int32), axis=(2, 4))
 
 
-def _live_budget(budget, b, k):
-    if budget is None:
-        return jnp.full((b,), k, jnp.int32)
-    return jnp.minimum(jnp.asarray(budget, jnp.int32), k)
-
-
 def kernel_budget(budget, b: int, k: int):
     """[B] int32 budget for the Pallas top-k, which clamps it to ``k`` itself (no separate XLA ``minimum``)."""
     return jnp.full((b,), k, jnp.int32) if budget is None else jnp.asarray(budget, jnp.int32)
+
+
+def _live_budget(budget, b, k):
+    """[B] int32 budget clamped to ``k`` (the reference's)."""
+    return jnp.minimum(kernel_budget(budget, b, k), k)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))

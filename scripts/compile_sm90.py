@@ -72,8 +72,8 @@ def _lower_attention(spec: str) -> None:
     b, n, kv, s, h, *bt = map(int, spec.split(":"))
     k = max(1, int(0.02 * s))
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
-    args = (S((b, n, h), bf), S((b, kv, s, h), bf), S((b, kv, s, h), bf), S((b * kv, k), jnp.int32))
-    args += (S((b * kv,), jnp.int32),)
+    q, cache, idx, count = S((b, n, h), bf), S((b, kv, s, h), bf), S((b * kv, k), jnp.int32), S((b * kv,), jnp.int32)
+    args = (q, cache, cache, idx, count)
     fn = functools.partial(sparse_decode_attention_rows, block_t=bt[0] if bt else 32)
     jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 

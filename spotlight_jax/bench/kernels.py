@@ -135,8 +135,9 @@ def _topk_variant(spec: str) -> dict:
     return kw
 
 
-def _variant_name(kw: dict) -> str:
-    short = {v: k for k, v in TOPK_KEYS.items()}
+def _variant_name(kw: dict, keys: dict = TOPK_KEYS) -> str:
+    """'key=value,...' of a variant's keywords in the short names of ``keys`` (TOPK_KEYS or ATTENTION_KEYS)."""
+    short = {v: k for k, v in keys.items()}
     return ",".join(f"{short[k]}={int(v)}" for k, v in kw.items())
 
 
@@ -428,8 +429,7 @@ def run(args: argparse.Namespace) -> dict:
                             q, kc, vc, ix, nv, combine=comb, chunk=chunk or None, **kw
                         )
                         mods = ([] if comb == "kernel" else [f"combine={comb}"]) + ([f"chunk={chunk}"] if chunk else [])
-                        short = {v: k for k, v in ATTENTION_KEYS.items()}
-                        mods += [f"{short[key]}={val}" for key, val in kw.items()]
+                        mods += [_variant_name(kw, ATTENTION_KEYS)] if kw else []
                         us = _median_call_us(fn, att_sets, args.reps, f"attention {','.join(mods) or 'default'}")
                         _row(
                             results,
