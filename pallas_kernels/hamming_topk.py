@@ -106,6 +106,13 @@ SCORE_DEPTH = 4
 # 47.6 -> 45.6, b8 512K 156.2 -> 154.5 (512), the TP=2 decode step's 27 x 2 heads at 128K 80.0 -> 73.6 (432).
 ONE_LAUNCH = None
 ONE_LAUNCH_MIN_PROGRAMS = 2 * 132
+# Step and warps when the caller gives neither (``default_grid``): 1024-token steps with 8 warps, except for grids that
+# stay three launches with at most SMALL_GRID_SPAN tokens per program, which run 512-token steps with 4 warps (twice
+# the steps per program, twice the programs per SM). Measured (H100, jax 0.11.2, 2026-11-23, device us, 1024 / 8 ->
+# 512 / 4): Qwen2.5-7B shape b1 128K 14.3 -> 12.4 (three runs: all three passes shorter), b1 32K 9.0 -> 8.8; longer
+# spans lose (b1 512K 27.8 -> 28.4, b1 1M 47.3 -> 48.7), and grids whose 512-token plan crosses into one launch lose
+# (Llama-3-8B shape b1 32K 11.2 -> 14.1), as do one-launch grids (Llama b1 128K 19.6 -> 20.0, Qwen b8 +0.1 to +4.8).
+SMALL_GRID_SPAN = 2048
 # At most the tokens a thread holds contiguously in a 16-byte load of int16 scores: the refine pass folds
 # a thread's scores of a step into one counter lane and the compaction ranks them in-thread.
 SCORE_LANES = 8
@@ -835,6 +842,27 @@ def _compact_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def default_grid(
+    seq_len: int,
+    rows: int,
+    block_s: int | None = None,
+    num_warps: int | None = None,
+    max_blocks: int = 64,
+    target_programs: int = 528,
+    one_launch: bool | None = ONE_LAUNCH,
+) -> tuple[int, int]:
+    """(block_s, num_warps) with the caller's Nones filled in (see ``SMALL_GRID_SPAN`` for the rule and its numbers).
+
+    Only when both are None and the launch plan is left automatic can the rule pick 512-token steps with 4 warps:
+    a caller who fixes either one gets the other from the plain default (1024 / 8)."""
+    if block_s is None and num_warps is None and one_launch is not True:
+        span = plan_spans(seq_len, rows, 1024, max_blocks, target_programs)[1]
+        nb_small = plan_spans(seq_len, rows, 512, max_blocks, target_programs)[2]
+        if span <= SMALL_GRID_SPAN and (one_launch is False or rows * nb_small <= ONE_LAUNCH_MIN_PROGRAMS):
+            return 512, 4
+    return (1024 if block_s is None else block_s), (8 if num_warps is None else num_warps)
+
+
 def _table_rows(num_blocks: int) -> int:
     """Rows of the per-block count tables: a power of two, and at least 2. A one-row table crashed the GPU's
     Triton compiler (segfault) in the refine/compaction passes' table reductions; padded rows are masked."""
@@ -1077,9 +1105,9 @@ def hamming_topk_rows_stats(
     budget,  # [B] int32 live budget (clamped to k)
     *,
     k: int,
-    block_s: int = 1024,
+    block_s: int | None = None,
     num_thresholds: int = 32,
-    num_warps: int = 8,
+    num_warps: int | None = None,
     max_blocks: int = 64,
     target_programs: int = 528,
     chunks: int = 4,
@@ -1101,6 +1129,7 @@ def hamming_topk_rows_stats(
     bk, bits = b * kv, 32 * w
     t = num_thresholds
     t_real = min(t, 31)  # column 31 of a 32-wide count table stays 0 (masks have 31 usable bits)
+    block_s, num_warps = default_grid(s, bk, block_s, num_warps, max_blocks, target_programs, one_launch)
     sub, span, nb = plan_spans(s, bk, block_s, max_blocks, target_programs)
     # Refine / compact stream 2-byte scores: wider steps (2 * sub tokens, one 16-byte load per thread).
     sub2 = min(span, 2 * sub)
@@ -1206,7 +1235,8 @@ def hamming_topk_rows(q_codes, k_codes, lengths, budget, **kwargs):
     Arguments: q_codes [B, N, W] uint32, k_codes [B, K, S, W] uint32, lengths [B] int32, budget [B] int32 (live
     budget, clamped to ``k``); keywords (static):
     ``block_s`` is the number of tokens per inner step of a program (``chunks`` loads of
-    ``block_s / chunks`` tokens; 1 token per thread and chunk at block_s = chunks * 32 * num_warps).
+    ``block_s / chunks`` tokens; 1 token per thread and chunk at block_s = chunks * 32 * num_warps); it and
+    ``num_warps`` default to ``default_grid``'s choice (1024 / 8, or 512 / 4 for small three-launch grids).
     ``pass1_depth`` / ``depth``: steps whose loads are in flight together in pass 1 / in the refine and
     compaction passes (powers of two; 1 = one-step prefetch, as before; None = automatic for pass 1).
     ``max_blocks`` / ``target_programs``: the grid's blocks per row and the programs it aims for (``plan_spans``).
@@ -1249,10 +1279,10 @@ def hamming_topk(
     *,
     implementation: str | None = None,
     interpret: bool = False,
-    block_s: int = 1024,
+    block_s: int | None = None,
     num_thresholds: int = 32,
     max_blocks: int = 64,
-    num_warps: int = 8,
+    num_warps: int | None = None,
     csa: bool = True,
     one_launch: bool | None = ONE_LAUNCH,
 ) -> TopK:

@@ -11,6 +11,7 @@ from pallas_kernels.hamming_topk import (
     _csa_scores,
     _query_word_planes,
     csa_compress,
+    default_grid,
     hamming_topk_rows,
     hamming_topk_rows_stats,
     level_steps,
@@ -128,6 +129,7 @@ TOPK_CASES = [
     pytest.param(3, 9, 3, 513, 64, (3, 255, 513), 40, 128, 32, None, 64, id="ragged-G3"),
     pytest.param(3, 9, 3, 513, 64, (3, 255, 513), 40, 64, 32, None, 2, id="ragged-G3-inner-loop"),
     pytest.param(1, 28, 4, 4097, 128, (4097,), 82, 1024, 32, None, 64, id="qwen-4097"),
+    pytest.param(1, 28, 4, 4097, 128, (4097,), 82, None, 32, None, 64, id="qwen-4097-default-grid"),
     pytest.param(1, 8, 8, 255, 32, (255,), 255, 64, 32, 7, 64, id="G1-k=len-ties"),
     pytest.param(2, 16, 2, 300, 128, (300, 17), 1, 128, 16, None, 64, id="G8-k1-T16"),
     pytest.param(2, 14, 2, 130, 256, (130, 64), 200, 32, 8, None, 64, id="G7-k>len-bits256-T8"),
@@ -191,6 +193,25 @@ def test_topk_detects_wrong_answer():
     )
     with pytest.raises(AssertionError):
         _check_topk(bad, q, k, lengths, 10)
+
+
+@pytest.mark.parametrize(
+    "s,rows,given,one_launch,want",
+    [
+        (131072, 4, (None, None), None, (512, 4)),  # Qwen b1 128K: three launches, 2048-token spans
+        (32768, 4, (None, None), None, (512, 4)),  # Qwen b1 32K
+        (4097, 4, (None, None), None, (512, 4)),  # the default-grid test case above
+        (524288, 4, (None, None), None, (1024, 8)),  # Qwen b1 512K: 8192-token spans
+        (32768, 8, (None, None), None, (1024, 8)),  # Llama b1 32K: the 512-token plan has 512 programs (one launch)
+        (32768, 8, (None, None), False, (512, 4)),  # ... unless the caller keeps three launches
+        (131072, 4, (None, None), True, (1024, 8)),  # one launch forced
+        (131072, 32, (None, None), None, (1024, 8)),  # Qwen b8 128K: one launch
+        (131072, 4, (256, None), None, (256, 8)),  # a caller's setting keeps the plain default for the other
+        (131072, 4, (None, 2), None, (1024, 2)),
+    ],
+)
+def test_default_grid_rule(s, rows, given, one_launch, want):
+    assert default_grid(s, rows, *given, one_launch=one_launch) == want
 
 
 @pytest.mark.parametrize("num_scores,t", [(33, 32), (897, 32), (2049, 32), (897, 16), (65, 4)])

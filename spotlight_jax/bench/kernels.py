@@ -98,7 +98,7 @@ TOPK_KEYS = {  # short name in a --topk-variants spec -> hamming_topk_rows keywo
     "d": "depth",
     "one": "one_launch",
 }
-TOPK_DEFAULT = {"block_s": 1024, "num_thresholds": 32, "num_warps": 8}
+TOPK_DEFAULT = {"block_s": 1024, "num_thresholds": 32, "num_warps": 8}  # keyed variants' base: the plain grid
 ATTENTION_KEYS = {"bt": "block_t", "w": "num_warps", "st": "num_stages", "hb": "merge_block_h"}
 
 
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> dict:
             print(markdown_table(run_["meta"], run_["results"]))
         return {}
     from pallas_kernels import hamming_topk_reference, sparse_decode_attention_reference
-    from pallas_kernels.hamming_topk import hamming_topk_rows, hamming_topk_rows_stats
+    from pallas_kernels.hamming_topk import default_grid, hamming_topk_rows, hamming_topk_rows_stats
     from pallas_kernels.sparse_decode_attention import sparse_decode_attention_rows
 
     unknown = [m for m in args.models.split(",") if m not in MODELS]
@@ -376,7 +376,8 @@ def run(args: argparse.Namespace) -> dict:
                 topk_sets = [(qcodes[i], codes[i % ncodes], lengths, budget) for i in range(calls)]
                 topk_bytes = code_bytes + b * kv * k * 4
                 if "topk" in ops or "spotlight" in ops:
-                    for kw in [dict(TOPK_DEFAULT)] + variants:
+                    bs, nw = default_grid(s, b * kv)  # the default row names the grid that the rule picks
+                    for kw in [{**TOPK_DEFAULT, "block_s": bs, "num_warps": nw}] + variants:
                         fn = lambda q, c, ln, bu, kw=kw: hamming_topk_rows(q, c, ln, bu, k=k, **kw)[0]
                         name = _variant_name(kw)
                         try:
