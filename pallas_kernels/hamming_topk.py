@@ -842,6 +842,12 @@ def _compact_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def launches_once(one_launch: bool | None, programs: int) -> bool:
+    """Whether the top-k runs all passes in one launch: ``one_launch``, or (None) more than
+    ``ONE_LAUNCH_MIN_PROGRAMS`` programs per pass."""
+    return programs > ONE_LAUNCH_MIN_PROGRAMS if one_launch is None else one_launch
+
+
 def default_grid(
     seq_len: int,
     rows: int,
@@ -855,10 +861,10 @@ def default_grid(
 
     Only when both are None and the launch plan is left automatic can the rule pick 512-token steps with 4 warps:
     a caller who fixes either one gets the other from the plain default (1024 / 8)."""
-    if block_s is None and num_warps is None and one_launch is not True:
+    if block_s is None and num_warps is None:
         span = plan_spans(seq_len, rows, 1024, max_blocks, target_programs)[1]
         nb_small = plan_spans(seq_len, rows, 512, max_blocks, target_programs)[2]
-        if span <= SMALL_GRID_SPAN and (one_launch is False or rows * nb_small <= ONE_LAUNCH_MIN_PROGRAMS):
+        if span <= SMALL_GRID_SPAN and not launches_once(one_launch, rows * nb_small):
             return 512, 4
     return (1024 if block_s is None else block_s), (8 if num_warps is None else num_warps)
 
@@ -1139,8 +1145,7 @@ def hamming_topk_rows_stats(
     levels = len(steps)
     lengths = lengths.astype(jnp.int32)
     budget = budget.astype(jnp.int32)
-    if one_launch is None:
-        one_launch = bk * nb > ONE_LAUNCH_MIN_PROGRAMS
+    one_launch = launches_once(one_launch, bk * nb)
     score_kernel = _score_kernel(
         group=n // kv,
         bits=bits,
