@@ -6,12 +6,14 @@
 - :func:`sparse_decode_attention`: exact softmax decode attention over gathered selected rows.
 - :func:`decode_attention`: dense flash-decoding attention over the whole live KV cache.
 - :func:`spotlight_attention`: the two composed (one decode step of one layer).
+- :func:`flash_attention`: causal flash attention of a prefill chunk over the KV cache.
 - :func:`decode_prologue`: a decode step's RoPE, hash codes and K / V / code-cache writes in one kernel.
 """
 
 from pallas_kernels._common import default_implementation, default_interpret, resolve_implementation
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.decode_prologue import HashMLP, Prologue, decode_prologue, decode_prologue_reference
+from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.hamming_topk import (
     TopK,
     hamming_scores,
@@ -37,6 +39,8 @@ __all__ = [
     "decode_attention_reference",
     "default_implementation",
     "dense_decode_attention_reference",
+    "flash_attention",
+    "flash_attention_reference",
     "default_interpret",
     "hamming_scores",
     "hamming_scores_reference",

@@ -269,3 +269,59 @@ class RetrievalConfig:
 
     def is_sparse_layer(self, layer: int) -> bool:
         return self.method != "dense" and layer not in self.dense_layers
+
+
+PREFILL_ATTENTION = ("pallas", "cudnn", "xla")
+# Tokens per prefill chunk summed over the batch, by backend: the chunk's GEMMs are [B * chunk, D] x [D, F], large
+# enough at 8K rows to run near the GPU's GEMM rate, while the activations a chunk holds (B * chunk * F) stay small
+# beside the weights and caches. The CPU's GEMMs saturate far earlier, and a smaller chunk keeps its memory low.
+PREFILL_CHUNK_TOKENS = {"gpu": 8192, "cpu": 1024}
+MIN_PREFILL_CHUNK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    """How a prompt is prefilled (static under jit): in chunks of `chunk` tokens, each writing its keys, values and
+    key codes into the preallocated cache and attending causally to the cache so far.
+
+    `chunk` None picks `default_chunk(batch, backend)`. `attention` picks the chunk attention kernel: "pallas" (ours,
+    `pallas_kernels.flash_attention`), "cudnn" (`jax.nn.dot_product_attention`, GPU only) or "xla" (the blocked XLA
+    loop); None follows `RetrievalConfig.implementation` (pallas on a GPU, xla elsewhere).
+    """
+
+    chunk: int | None = None
+    attention: str | None = None
+
+    def __post_init__(self):
+        if self.chunk is not None and (not isinstance(self.chunk, int) or isinstance(self.chunk, bool)):
+            raise ValueError(f"prefill chunk must be an integer number of tokens, got {self.chunk!r}")
+        if self.chunk is not None and self.chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1 token, got {self.chunk}")
+        if self.attention not in (None, *PREFILL_ATTENTION):
+            raise ValueError(f"prefill attention must be one of {PREFILL_ATTENTION} or None, got {self.attention!r}")
+
+    def attention_impl(self, retrieval_cfg: RetrievalConfig) -> str | None:
+        if self.attention is None and retrieval_cfg.mesh is not None:
+            # Under tensor parallelism the prefill runs on XLA's SPMD partitioner, which splits the blocked XLA loop
+            # by heads but cannot split a Pallas call.
+            return "xla"
+        return self.attention or retrieval_cfg.implementation
+
+    def chunk_for(self, batch: int, prompt_bucket: int, cache_len: int, backend: str) -> int:
+        """The chunk a prefill of `batch` prompts (right-padded to `prompt_bucket`) into a cache of `cache_len` uses:
+        the set one, checked against the cache, or the default, never longer than the prompt bucket or the cache."""
+        if self.chunk is not None:
+            if self.chunk > cache_len:
+                raise ValueError(
+                    f"prefill chunk of {self.chunk} tokens is longer than the cache ({cache_len} tokens): "
+                    f"use a chunk <= {cache_len} or a larger max_len"
+                )
+            return self.chunk
+        return min(default_chunk(batch, backend), prompt_bucket, cache_len)
+
+
+def default_chunk(batch: int, backend: str) -> int:
+    """Power-of-two chunk whose batch * chunk is about `PREFILL_CHUNK_TOKENS[backend]` (at least MIN_PREFILL_CHUNK)."""
+    budget = PREFILL_CHUNK_TOKENS["cpu" if backend == "cpu" else "gpu"]
+    per_row = max(MIN_PREFILL_CHUNK, budget // max(1, batch))
+    return 1 << (per_row.bit_length() - 1)

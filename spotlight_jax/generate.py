@@ -1,4 +1,4 @@
-"""Jitted generation: dense prefill, then a `lax.while_loop` of decode steps over a donated, preallocated cache.
+"""Jitted generation: chunked dense prefill, then a `lax.while_loop` of decode steps over a donated, preallocated cache.
 
 `generate()` is the notebook entry point. The model (and hash modules) are split into `(graphdef, state)` and
 merged inside one `jax.jit` program; per-call values (prompt lengths, max_new_tokens) are traced, and prompts are
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -20,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from spotlight_jax import retrieval
-from spotlight_jax.config import RetrievalConfig
+from spotlight_jax.config import PrefillConfig, RetrievalConfig
 from spotlight_jax.model import CausalLM, KVCache, init_cache
+from spotlight_jax.prefill import prefill
 
 # CPU has no buffer donation; the warning says nothing a user can act on.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -59,6 +62,14 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+def cache_bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """Smallest multiple of max(minimum, bucket(n) / 32) that is >= n: a cache of at most ~6 % more than needed
+    (a power-of-two bucket of a 131,072-token prompt + 64 new tokens would double a whole KV cache), in steps of
+    a power of two, so kernels that split the cache in power-of-two blocks still tile it."""
+    step = max(minimum, bucket(n, 1) // 32)
+    return -(-max(n, minimum) // step) * step
+
+
 def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
     """logits [B, V] fp32 -> tokens [B] int32."""
     if sampling.temperature == 0.0:
@@ -79,7 +90,17 @@ def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) ->
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "hash_graphdef", "out_len", "sampling", "retrieval_cfg", "pad_id"),
+    static_argnames=(
+        "graphdef",
+        "hash_graphdef",
+        "out_len",
+        "sampling",
+        "retrieval_cfg",
+        "prefill_cfg",
+        "chunk",
+        "pad_id",
+        "stream",
+    ),
     donate_argnames=("cache",),
 )
 def _generate_jit(
@@ -93,27 +114,59 @@ def _generate_jit(
     eos_ids: jax.Array,  # [E] (E >= 1; -1 = none)
     key: jax.Array,
     cache: KVCache,
+    stream_id: jax.Array,  # [] int32 traced: which registered streamer receives the tokens (with stream=True)
     *,
     out_len: int,
     sampling: SamplingConfig,
     retrieval_cfg: RetrievalConfig,
+    prefill_cfg: PrefillConfig,
+    chunk: int,
     pad_id: int,
+    stream: bool = False,
 ):
     model = nnx.merge(graphdef, state)
     hashes = nnx.merge(hash_graphdef, hash_state) if hash_graphdef is not None else None
+    emit = None
+    if stream:
+        # The start event returns a zero that the prompt depends on, so it runs before the prefill (a timestamp of
+        # when the program began executing, after compilation and dispatch).
+        tokens = tokens + io_callback(_stream_start, jax.ShapeDtypeStruct((), jnp.int32), stream_id, ordered=True)
+        emit = lambda i, tok: io_callback(_stream_tokens, None, stream_id, i, tok, ordered=True)  # noqa: E731
+    logits, cache = prefill(
+        model, tokens, prompt_lengths, cache, chunk=chunk, retrieval_cfg=retrieval_cfg, hashes=hashes,
+        prefill_cfg=prefill_cfg,
+    )  # fmt: skip
     run = functools.partial(model, retrieval_cfg=retrieval_cfg, hashes=hashes, logits="last")
-
-    prefill = run(tokens, cache=cache, lengths=prompt_lengths)
     return decode_loop(
-        run, prefill.logits[:, 0], prefill.cache, prompt_lengths, max_new_tokens, eos_ids, key,
-        out_len=out_len, sampling=sampling, pad_id=pad_id,
+        run, logits, cache, prompt_lengths, max_new_tokens, eos_ids, key,
+        out_len=out_len, sampling=sampling, pad_id=pad_id, emit=emit,
     )  # fmt: skip
 
 
-def decode_loop(run, logits, cache, lengths, max_new_tokens, eos_ids, key, *, out_len, sampling, pad_id):
+# Streaming: a compiled program calls back into Python through `io_callback` with a traced stream id, so one program
+# serves every call (a Python callable baked into the program would force a recompile per streamer).
+_STREAMERS: dict[int, Any] = {}
+_NEXT_STREAM = itertools.count(1)
+
+
+def _stream_start(stream_id) -> np.ndarray:
+    streamer = _STREAMERS.get(int(stream_id))
+    if streamer is not None and hasattr(streamer, "on_start"):
+        streamer.on_start()
+    return np.zeros((), np.int32)
+
+
+def _stream_tokens(stream_id, i, tokens) -> None:
+    streamer = _STREAMERS.get(int(stream_id))
+    if streamer is not None:
+        streamer(int(i), np.asarray(tokens))
+
+
+def decode_loop(run, logits, cache, lengths, max_new_tokens, eos_ids, key, *, out_len, sampling, pad_id, emit=None):
     """The decode `while_loop` after a prefill: sample from `logits` [B, V], feed back, stop on EOS / budget.
 
-    `run` is the model call with retrieval settings bound. Returns (tokens [B, out_len], generated lengths [B]).
+    `run` is the model call with retrieval settings bound; `emit(i, tokens [B])`, if given, receives each step's
+    tokens as they are produced (pad_id for finished rows). Returns (tokens [B, out_len], generated lengths [B]).
     """
     b = logits.shape[0]
     key, sub = jax.random.split(key)
@@ -125,7 +178,10 @@ def decode_loop(run, logits, cache, lengths, max_new_tokens, eos_ids, key, *, ou
 
     def body(carry):
         i, tok, done, lengths, cache, out, key = carry
-        out = out.at[:, i].set(jnp.where(done, pad_id, tok))
+        emitted = jnp.where(done, pad_id, tok)
+        out = out.at[:, i].set(emitted)
+        if emit is not None:
+            emit(i, emitted)
         done = done | jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
         # The new token sits at position `lengths`; afterwards each row holds lengths + 1 live tokens.
         step = run(tok[:, None], positions=lengths[:, None], cache=cache, lengths=lengths + 1)
@@ -175,13 +231,20 @@ def generate(
     max_len: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
     pad_id: int = 0,
+    prefill_chunk: int | None = None,
+    prefill_cfg: PrefillConfig = PrefillConfig(),
+    streamer: Any = None,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` per prompt in one jitted program.
 
     prompts: a string, a list of strings (needs `tokenizer`), one token list, or a batch of token lists of
     different lengths. `retrieval_cfg` picks decode attention (dense | oracle | linear | spotlight | quest);
     `linear`/`spotlight` need `hashes` (a `hashing.HashStack`). `max_len` fixes the cache size (default: a
-    power-of-two bucket of prompt + new tokens).
+    power-of-two bucket of prompt + new tokens). The prompt is prefilled in chunks of `prefill_chunk` tokens
+    (default: `config.default_chunk` for the batch and backend; `prefill_cfg` also picks the chunk attention kernel).
+    `streamer(i, tokens)`, if given, is called from inside the compiled loop with step i's tokens [B] (numpy int32;
+    pad_id once a row has finished) as they are produced; an optional `streamer.on_start()` runs when the compiled
+    program starts executing. Without a streamer the program has no callbacks at all.
     """
     rows = _as_token_lists(prompts, tokenizer)
     cfg = model.cfg
@@ -190,7 +253,8 @@ def generate(
     longest = max(len(r) for r in rows)
     prompt_bucket = bucket(longest)
     out_len = bucket(max_new_tokens, minimum=8)
-    cache_len = max_len if max_len is not None else bucket(prompt_bucket + out_len)
+    # Sized from the buckets (not the exact lengths), so every call of a bucket pair shares one compiled program.
+    cache_len = max_len if max_len is not None else cache_bucket(prompt_bucket + out_len)
     if longest + max_new_tokens > cache_len:
         raise ValueError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} does not fit a cache of {cache_len} "
@@ -202,6 +266,9 @@ def generate(
             f"{cfg.max_position_embeddings} positions"
         )
     prompt_bucket = min(prompt_bucket, cache_len)
+    if prefill_chunk is not None:
+        prefill_cfg = dataclasses.replace(prefill_cfg, chunk=prefill_chunk)
+    chunk = prefill_cfg.chunk_for(len(rows), prompt_bucket, cache_len, jax.default_backend())
     if retrieval_cfg.method in retrieval.CODE_METHODS:
         if hashes is None:
             raise ValueError(f"retrieval method {retrieval_cfg.method!r} needs hash modules: pass hashes=HashStack")
@@ -224,11 +291,19 @@ def generate(
     graphdef, state = nnx.split(model)
     hash_graphdef, hash_state = nnx.split(hashes) if hashes is not None else (None, None)
     cache = init_cache(cfg, len(rows), cache_len, model.dtype, retrieval_cfg)
-    out, n_new = _generate_jit(
-        graphdef, state, hash_graphdef, hash_state, jnp.asarray(tokens), jnp.asarray(lengths),
-        jnp.int32(max_new_tokens), eos_arr, key, cache,
-        out_len=out_len, sampling=sampling, retrieval_cfg=retrieval_cfg, pad_id=pad_id,
-    )  # fmt: skip
+    stream_id = next(_NEXT_STREAM) if streamer is not None else 0
+    if streamer is not None:
+        _STREAMERS[stream_id] = streamer
+    try:
+        out, n_new = _generate_jit(
+            graphdef, state, hash_graphdef, hash_state, jnp.asarray(tokens), jnp.asarray(lengths),
+            jnp.int32(max_new_tokens), eos_arr, key, cache, jnp.int32(stream_id),
+            out_len=out_len, sampling=sampling, retrieval_cfg=retrieval_cfg, prefill_cfg=prefill_cfg, chunk=chunk,
+            pad_id=pad_id, stream=streamer is not None,
+        )  # fmt: skip
+        out = jax.block_until_ready(out)
+    finally:
+        _STREAMERS.pop(stream_id, None)
     out = np.asarray(out)[:, :max_new_tokens]
     n_new = np.asarray(n_new)
     text = None

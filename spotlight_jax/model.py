@@ -1,8 +1,11 @@
 """Flax NNX decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5) with a preallocated KV cache.
 
-Prefill (T > 1, cache empty) and decode (T == 1) share one code path. Prefill attends densely over the new
-keys; a decode step writes its key/value at each row's own position and calls `retrieval.decode_attention`,
-which picks dense, oracle, linear, spotlight or quest retrieval from a static `RetrievalConfig`.
+Prefill chunks and decode steps share one code path. A prefill chunk (T tokens at positions offset..offset+T-1 of
+every row) writes its keys / values (and key codes) into the cache at `offset`, then attends causally to the cache
+so far through `pallas_kernels.flash_attention`, which never materialises more than one tile of scores; a cache-free
+forward attends the same way over its own keys. A decode step writes its key/value at each row's own position and
+calls `retrieval.decode_attention`, which picks dense, oracle, linear, spotlight or quest retrieval from a static
+`RetrievalConfig`. `spotlight_jax.prefill` runs a whole prompt as a loop of chunks.
 
 Legend: B batch, T query len, S cache len, N q-heads, K kv-heads, G group, H head_dim, D embed, V vocab, W words.
 """
@@ -20,8 +23,9 @@ from flax import nnx
 from pallas_kernels import resolve_implementation
 from pallas_kernels.decode_prologue import decode_prologue, rope_reference, rope_tables, write_rows
 from pallas_kernels.decode_prologue import supports_pallas as prologue_fits
+from pallas_kernels.flash_attention import flash_attention
 from spotlight_jax import retrieval
-from spotlight_jax.config import ModelConfig, RetrievalConfig
+from spotlight_jax.config import ModelConfig, PrefillConfig, RetrievalConfig
 
 
 class KVCache(NamedTuple):
@@ -137,8 +141,9 @@ class Attention(nnx.Module):
         self.v_proj = _linear(d, k * h, cfg.attention_bias, dtype, param_dtype, rngs)
         self.o_proj = _linear(n * h, d, False, dtype, param_dtype, rngs)
 
-    def __call__(self, x, positions, inv_freq, lengths, cache_kv, retrieval_cfg, hash_module):
-        """x [B, T, D], positions [B, T], lengths [B] (live tokens after this call)."""
+    def __call__(self, x, positions, inv_freq, lengths, cache_kv, retrieval_cfg, hash_module, offset, prefill_cfg):
+        """x [B, T, D], positions [B, T], lengths [B] (live tokens after this call); `offset` (int32 scalar or None):
+        this call is a prefill chunk whose tokens sit at offset..offset+T-1 in every row."""
         cfg = self.cfg
         b, t, _ = x.shape
         n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -150,16 +155,25 @@ class Attention(nnx.Module):
         scale = 1.0 / math.sqrt(h)
 
         new_cache = None
-        if cache_kv is None or t > 1:
-            # Prefill from position 0 (or a cache-free forward): dense causal attention over the new keys only.
-            out = causal_attention(q, k, v, lengths, scale, cfg.sliding_window)  # [B, N, T, H]
-            if cache_kv is not None:
-                ck, cv, codes = cache_kv
-                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0))
-                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0))
-                if codes is not None:
-                    codes = jax.lax.dynamic_update_slice(codes, hash_module.key_codes(k), (0, 0, 0, 0))
-                new_cache = (ck, cv, codes)
+        attend = functools.partial(
+            flash_attention,
+            scale=scale,
+            window=cfg.sliding_window,
+            implementation=prefill_cfg.attention_impl(retrieval_cfg),
+        )
+        if cache_kv is None:  # a cache-free forward (activation collection, tests): causal over its own keys
+            out = attend(q, k, v, jnp.int32(0), lengths)  # [B, N, T, H]
+        elif offset is not None:
+            # A prefill chunk: write its keys / values / key codes at `offset`, then attend causally to the cache so
+            # far (the chunk's own keys included). Prefill is dense for every method; the codes are for the decode.
+            ck, cv, codes = cache_kv
+            at = (0, 0, offset, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at)
+            if codes is not None:
+                codes = jax.lax.dynamic_update_slice(codes, hash_module.key_codes(k), at)
+            new_cache = (ck, cv, codes)
+            out = attend(q.astype(ck.dtype), ck, cv, offset, lengths)  # [B, N, T, H]
         else:
             if cfg.sliding_window is not None and retrieval_cfg.method != "dense":
                 raise NotImplementedError("sparse retrieval on a sliding-window model: use method='dense'")
@@ -220,24 +234,6 @@ def _decode_step(q, k, v, cache_kv, pos, lengths, hash_module, rope, *, layer, s
     return out[:, :, None], (ck, cv, codes)
 
 
-def causal_attention(q, k, v, lengths, scale, window=None):
-    """Dense causal GQA attention. q [B, N, T, H], k/v [B, K, T, H], keys at index >= lengths[b] masked, and with
-    a sliding `window` also keys `window` or more positions behind the query (HF Mistral's convention)."""
-    b, n, t, h = q.shape
-    kh = k.shape[1]
-    qg = q.reshape(b, kh, n // kh, t, h)
-    logits = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    idx = jnp.arange(t)
-    causal = idx[None, :] <= idx[:, None]  # [T, S]
-    if window is not None:
-        causal &= idx[:, None] - idx[None, :] < window
-    mask = causal[None] & (idx[None, None, :] < lengths[:, None, None])  # [B, T, S]
-    logits = jnp.where(mask[:, None, None], logits, -1e30)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, n, t, h)
-
-
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -256,9 +252,9 @@ class DecoderLayer(nnx.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, lengths, cache_kv, retrieval_cfg, hash_module):
+    def __call__(self, x, positions, inv_freq, lengths, cache_kv, retrieval_cfg, hash_module, offset, prefill_cfg):
         a, new_cache, qk = self.attn(
-            self.input_norm(x), positions, inv_freq, lengths, cache_kv, retrieval_cfg, hash_module
+            self.input_norm(x), positions, inv_freq, lengths, cache_kv, retrieval_cfg, hash_module, offset, prefill_cfg
         )
         x = x + a
         x = x + self.mlp(self.post_norm(x))
@@ -294,13 +290,25 @@ class CausalLM(nnx.Module):
         hashes: Any = None,  # hashing.HashStack (or anything with .for_layer(i)) for code-based retrieval
         return_qk: bool | tuple[int, ...] = False,
         logits: str = "all",  # "all" -> [B, T, V]; "last" -> [B, 1, V] at each row's last live token
+        cache_offset: jax.Array | int | None = None,  # prefill chunk at this position (see below)
+        prefill_cfg: PrefillConfig | None = None,
     ) -> ModelOutput:
+        """With a cache, a call is a prefill chunk when `cache_offset` is given (its tokens at positions
+        cache_offset.. of every row; dense causal attention over the cache so far) and a decode step when it is not
+        and T == 1. T > 1 without `cache_offset` is a prefill chunk at 0 (the whole prompt in one chunk)."""
         b, t = tokens.shape
+        if cache is not None and cache_offset is None and t > 1:
+            cache_offset = 0
+        if cache_offset is not None:
+            cache_offset = jnp.asarray(cache_offset, jnp.int32)
+            if positions is None:
+                positions = jnp.broadcast_to(cache_offset + jnp.arange(t, dtype=jnp.int32), (b, t))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if lengths is None:
-            lengths = jnp.full((b,), t, jnp.int32)
+            lengths = jnp.full((b,), t, jnp.int32) + (0 if cache_offset is None else cache_offset)
         rcfg = retrieval_cfg or RetrievalConfig()
+        pcfg = prefill_cfg or PrefillConfig()
         inv_freq = rope_inv_freq(self.cfg)
         qk_layers = set(range(self.cfg.num_layers)) if return_qk is True else set(return_qk or ())
 
@@ -309,7 +317,9 @@ class CausalLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.k[i], cache.v[i], cache.codes[i])
             hash_module = hashes.for_layer(i) if (hashes is not None and rcfg.is_sparse_layer(i)) else None
-            x, layer_cache, layer_qk = layer(x, positions, inv_freq, lengths, cache_kv, rcfg, hash_module)
+            x, layer_cache, layer_qk = layer(
+                x, positions, inv_freq, lengths, cache_kv, rcfg, hash_module, cache_offset, pcfg
+            )
             if layer_cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])

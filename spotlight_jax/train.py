@@ -51,7 +51,9 @@ class TrainConfig:
     model_dtype: str = _f("float32", "compute dtype of the frozen model while collecting activations")
     dataset: str = _f("stdlib", "'stdlib' (offline Python sources), local .jsonl/.json/.txt/.parquet(.gz) or hub name")
     text_field: str = _f("text", "text column of the dataset")
-    data_part: str = _f("all", "documents to use: all | train | heldout (deterministic split)")
+    data_part: str = _f(
+        "train", "documents to use: all | train | heldout (deterministic split; train keeps `eval` honest)"
+    )
     heldout_fraction: float = _f(0.2, "share of documents held out when data_part is train/heldout")
     allow_download: bool = _f(False, "allow downloading a hub dataset / model")
     num_samples: int = _f(12, "number of fixed-length samples to cache")
@@ -244,6 +246,11 @@ def _reusable_activations(path: str, cfg: TrainConfig) -> bool:
     return m.get("completed") == m.get("num_samples")
 
 
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
 def prepare_activations(cfg: TrainConfig, model=None, tokenizer=None, progress: bool = True) -> ActivationReader:
     """Reuse `cfg.activations_path` when complete, else load the model, build samples and collect (resumably)."""
     path = cfg.activations_path
@@ -254,7 +261,12 @@ def prepare_activations(cfg: TrainConfig, model=None, tokenizer=None, progress: 
     if model is None:
         from spotlight_jax.convert import load_model
 
+        _say(progress, f"loading model {cfg.model or 'SmolLM2-135M-Instruct (embedded)'} ...")
         model, tokenizer = load_model(cfg.model, dtype=jnp.dtype(cfg.model_dtype), allow_download=cfg.allow_download)
+        _say(
+            progress,
+            f"tokenising {cfg.num_samples} samples of {cfg.seq_len} tokens from {cfg.dataset} ({cfg.data_part})",
+        )
     if tokenizer is None:
         raise ValueError("collecting activations needs a tokenizer (load_model returned none)")
     samples, info = data.build_samples(
@@ -548,6 +560,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'mean':>5}  {np.mean([r['final_loss'] for r in layers]):>8.4f}  "
               f"{np.mean([r['final_ranking_error'] for r in layers]):>8.4f}")  # fmt: skip
     print(f"exported hashes to {result.export_path}  ({time.time() - t0:.0f} s total)")
+    print(
+        "\nloss: the final Bradley-Terry ranking loss of each layer's hash; rank err: the share of (top key, other key)"
+        " pairs its codes order wrongly (0 = perfect, 0.5 = chance).\nNext:\n"
+        f"  python -m spotlight_jax.eval recall --hashes spotlight={result.export_path}"
+        "   # recall of the selected tokens on held-out documents\n"
+        f"  python -m spotlight_jax.eval perplexity --hashes {result.export_path}"
+        "   # decode-path perplexity: dense, oracle, linear, spotlight"
+    )
     return 0
 
 

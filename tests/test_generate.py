@@ -123,3 +123,25 @@ def test_bad_input_errors(model):
 
 def test_bucket():
     assert [bucket(n) for n in (1, 16, 17, 100, 1024)] == [16, 16, 32, 128, 1024]
+
+
+def test_streamer_receives_every_token_without_recompiling(model):
+    prompts = _prompts([6, 11], seed=11)
+    plain = generate(model, prompts, max_new_tokens=12, eos_token_ids=[])
+    seen, started = [], []
+
+    class Streamer:
+        def on_start(self):
+            started.append(True)
+
+        def __call__(self, i, tokens):
+            seen.append((i, tokens.copy()))
+
+    out = generate(model, prompts, max_new_tokens=12, eos_token_ids=[], streamer=Streamer())
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
+    assert started == [True]
+    assert [i for i, _ in seen] == list(range(12))
+    np.testing.assert_array_equal(np.stack([t for _, t in seen], axis=1), plain.tokens)
+    before = _generate_jit._cache_size()
+    generate(model, prompts, max_new_tokens=12, eos_token_ids=[], streamer=lambda i, t: None)  # another streamer
+    assert _generate_jit._cache_size() == before

@@ -7,7 +7,9 @@ import sys
 SUBCOMMANDS = {
     "decode": "dense decode step of a real-shape model with random weights vs its HBM roofline",
     "kernels": "pack_bits / hamming_topk / sparse_decode_attention vs XLA references and dense decode attention",
-    "generate": "end-to-end decode tokens/s, dense vs spotlight, at long context",
+    "generate": "decode-only microbenchmark on a synthetic cache: decode tokens/s, dense vs spotlight",
+    "e2e": "prompt -> tokens through generate(): time to first token, decode tokens/s, peak memory",
+    "attention": "prefill flash attention: ours (Pallas) vs cuDNN vs XLA blocked, TFLOP/s",
     "train": "hash-training steps/s (7B shape) and whole-model training wall time (SmolLM2)",
 }
 

@@ -1,6 +1,6 @@
 """Shared plumbing of the decode-path evaluations (perplexity, passkey, fidelity).
 
-Every evaluation here runs the model through the same code generate() uses: a dense prefill that fills the KV and
+Every evaluation here runs the model through the same code generate() uses: a chunked dense prefill that fills the KV and
 key-code caches, then decode steps whose attention is chosen by a `RetrievalConfig` (kernels on the GPU, their XLA
 references on the CPU). Nothing imitates the selection with a dense mask.
 
@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spotlight_jax.config import ModelConfig, RetrievalConfig, split_method
+from spotlight_jax.config import ModelConfig, PrefillConfig, RetrievalConfig, split_method
 from spotlight_jax.generate import SamplingConfig, bucket, decode_loop
 from spotlight_jax.model import KVCache, init_cache
+from spotlight_jax.prefill import prefill
 from spotlight_jax.retrieval import CODE_METHODS
 
 DEFAULT_METHODS = ("dense", "oracle", "linear-128", "linear-1024", "spotlight")
@@ -145,11 +146,12 @@ def data_label(args) -> str:
 # token by token: the decode steps that follow see exactly the caches generate() would have built.
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def dense_prefill(graphdef, state, tokens, lengths, cache):
-    """tokens [B, T] right-padded, lengths [B] -> (cache, logits [B, V] at each row's last prompt token)."""
-    out = nnx.merge(graphdef, state)(tokens, cache=cache, lengths=lengths, logits="last")
-    return out.cache, out.logits[:, 0]
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache",))
+def dense_prefill(graphdef, state, tokens, lengths, cache, *, chunk):
+    """tokens [B, T] right-padded, lengths [B] -> (cache, logits [B, V] at each row's last prompt token), through
+    generate()'s chunked prefill."""
+    logits, cache = prefill(nnx.merge(graphdef, state), tokens, lengths, cache, chunk=chunk)
+    return cache, logits
 
 
 @functools.partial(jax.jit, static_argnames=("hash_graphdef", "retrieval_cfg"))
@@ -202,8 +204,9 @@ def teacher_forced_nll(graphdef, state, hash_graphdef, hash_state, tokens, cache
     return nll.T
 
 
-def prefill_batch(model, rows: list[list[int]] | np.ndarray, cache_len: int):
-    """Right-pad `rows`, prefill densely into a cache of `cache_len` -> (cache, last logits, lengths)."""
+def prefill_batch(model, rows: list[list[int]] | np.ndarray, cache_len: int, chunk: int | None = None):
+    """Right-pad `rows`, prefill densely in chunks (default `PrefillConfig`'s) into a cache of `cache_len` ->
+    (cache, last logits, lengths)."""
     rows = [list(map(int, r)) for r in rows]
     lengths = np.array([len(r) for r in rows], np.int32)
     width = min(bucket(int(lengths.max())), cache_len)  # the bucket, but never wider than the cache
@@ -212,7 +215,8 @@ def prefill_batch(model, rows: list[list[int]] | np.ndarray, cache_len: int):
         tokens[i, : len(r)] = r
     graphdef, state = nnx.split(model)
     cache = init_cache(model.cfg, len(rows), cache_len, model.dtype)
-    cache, logits = dense_prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+    chunk = PrefillConfig(chunk=chunk).chunk_for(len(rows), width, cache_len, jax.default_backend())
+    cache, logits = dense_prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache, chunk=chunk)
     return cache, logits, jnp.asarray(lengths)
 
 
