@@ -1,7 +1,7 @@
 """Perplexity against the kept share of rows from two `eval perplexity` runs with '+keep<P>' methods (hashes trained
 with top_weight_power a = 1 and the paper's a = 0): one plot and one table, from their JSON files.
 
-    python experiments/plot_budget_sweep.py experiments/results/quality_h100_keep
+    python experiments/plot_budget_sweep.py experiments/results/quality/h100_keep
 """
 
 import json
@@ -43,4 +43,4 @@ def main(folder: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "experiments/results/quality_h100_keep")
+    main(sys.argv[1] if len(sys.argv) > 1 else "experiments/results/quality/h100_keep")

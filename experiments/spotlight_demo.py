@@ -33,7 +33,7 @@ print(f"prompt: {n} tokens; Spotlight reads max(20, 2 % of the context) = {max(2
 methods = {
     "dense": (RetrievalConfig(method="dense"), None),
     "spotlight": (RetrievalConfig(method="spotlight", bits=hashes.bits), hashes),
-    # Also always keep the first 4 tokens (attention sinks): measured +12.7 % perplexity instead of +33 % (README).
+    # Also always keep the first 4 tokens (attention sinks): +12.7 % perplexity instead of +33 % (docs/results.md).
     "spotlight+sink4": (RetrievalConfig(method="spotlight", bits=hashes.bits, sink_tokens=4), hashes),
     "oracle": (RetrievalConfig(method="oracle"), None),
 }

@@ -2,7 +2,7 @@
 
 Why: every decode step reads all the weights; with the heads split over `tp` GPUs each reads 1 / tp of them, and the
 batch at which dense attention still fits grows ~tp-fold, so the KV bytes that Spotlight skips dominate the step
-(arithmetic in experiments/notes/tensor_parallel.md).
+(arithmetic in experiments/log/tensor_parallel.md).
 
 How: a 1-D mesh with axis "tp". The dense parts run under XLA's SPMD partitioner from the placement of the parameters
 (`shard_model`): q/k/v projections and the MLP's gate/up split by output columns (whole heads: query head j lives

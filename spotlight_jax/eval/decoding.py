@@ -1,8 +1,8 @@
 """Shared plumbing of the decode-path evaluations (perplexity, passkey, fidelity).
 
-Every evaluation here runs the model through the same code generate() uses: a chunked dense prefill that fills the KV and
-key-code caches, then decode steps whose attention is chosen by a `RetrievalConfig` (kernels on the GPU, their XLA
-references on the CPU). Nothing imitates the selection with a dense mask.
+Every evaluation here runs the model through the same code generate() uses: a chunked dense prefill that fills the
+KV and key-code caches, then decode steps whose attention is chosen by a `RetrievalConfig` (kernels on the GPU, their
+XLA references on the CPU). Nothing imitates the selection with a dense mask.
 
 Methods are named `dense`, `oracle`, `quest`, `linear-<bits>` (a seeded LinearHash) and `spotlight` (the trained
 checkpoint given with --hashes; reported as `spotlight-<bits>`).
