@@ -175,7 +175,7 @@ def _impl_calls(args, impl: str, scale: float, t: int, s: int, h: int, tilings: 
     return [("cudnn", "" if t == s else CUDNN_CHUNK_NOTE, call, lambda q, k, v, off, ln: make(q, k, v))]
 
 
-def _gemm_row(n: int, repeats: int, iters: int) -> dict:
+def gemm_row(n: int, repeats: int, iters: int) -> dict:
     x = _rand(jax.random.key(7), (n, n), jnp.bfloat16)
     y = _rand(jax.random.key(8), (n, n), jnp.bfloat16)
     flops = 2.0 * n**3
@@ -253,7 +253,7 @@ def run(args) -> list[dict]:
         meta["check"] = run_check(args, n, kv, h, dtype, on_gpu)
     rows: list[dict] = []
     if args.gemm_size:
-        rows.append(_gemm_row(args.gemm_size, args.repeats, args.iters))
+        rows.append(gemm_row(args.gemm_size, args.repeats, args.iters))
         print(f"  gemm {args.gemm_size}: {rows[-1]['ms']:.3f} ms {rows[-1]['tflops']} TFLOP/s", flush=True)
     key = jax.random.key(0)
     for b in args.batch:

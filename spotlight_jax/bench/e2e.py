@@ -54,26 +54,6 @@ def prefill_flops(cfg, prompt: int, batch: int, non_embedding_params: int) -> fl
     return batch * (2.0 * non_embedding_params * prompt + attention)
 
 
-def gemm_tflops(n: int = 8192, iters: int = 20) -> float:
-    """bf16 [n, n] x [n, n] matmuls in one jitted loop (inputs change per iteration): the device's GEMM rate."""
-    import jax
-    import jax.numpy as jnp
-
-    from spotlight_jax.bench.common import median, time_jitted
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-
-    @jax.jit
-    def loop(a, b):
-        def body(_, x):
-            return (x @ b).astype(jnp.bfloat16) * jnp.bfloat16(1e-2)
-
-        return jax.lax.fori_loop(0, iters, body, a)
-
-    return 2.0 * n**3 * iters / median(time_jitted(loop, a, b, repeats=5)) / 1e12
-
-
 class _Clock:
     """A `generate()` streamer that keeps timestamps: program start, and each step's tokens."""
 
@@ -100,7 +80,9 @@ def run_one(spec: dict) -> dict:
     from spotlight_jax.model import init_cache
 
     if spec["method"] == "gemm":
-        return {"method": "gemm", "gemm_tflops": round(gemm_tflops(), 1)}
+        from spotlight_jax.bench.attention import gemm_row
+
+        return {"method": "gemm", "gemm_tflops": gemm_row(8192, repeats=5, iters=0)["tflops"]}
     cfg = ModelConfig.preset(spec["model"])
     model = random_model(cfg)
     rcfg = RetrievalConfig(keep_ratio=spec["keep_ratio"], bits=spec["bits"], **method_fields(spec["method"]))
