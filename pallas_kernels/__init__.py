@@ -8,11 +8,12 @@
 - :func:`spotlight_attention`: the two composed (one decode step of one layer).
 - :func:`flash_attention`: causal flash attention of a prefill chunk over the KV cache.
 - :func:`decode_prologue`: a decode step's RoPE, hash codes and K / V / code-cache writes in one kernel.
+- :class:`HashMLP` / :func:`hash_mlp_reference`: the trained hash module's layers and forward pass.
 """
 
 from pallas_kernels._common import default_implementation, default_interpret, resolve_implementation
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
-from pallas_kernels.decode_prologue import HashMLP, Prologue, decode_prologue, decode_prologue_reference
+from pallas_kernels.decode_prologue import Prologue, decode_prologue, decode_prologue_reference
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.hamming_topk import (
     TopK,
@@ -21,6 +22,7 @@ from pallas_kernels.hamming_topk import (
     hamming_topk,
     hamming_topk_reference,
 )
+from pallas_kernels.hash_mlp import HashMLP, hash_mlp_reference
 from pallas_kernels.pack_bits import pack_bits, pack_bits_reference
 from pallas_kernels.sparse_decode_attention import (
     dense_decode_attention_reference,
@@ -31,6 +33,7 @@ from pallas_kernels.spotlight_attention import spotlight_attention, spotlight_at
 
 __all__ = [
     "HashMLP",
+    "hash_mlp_reference",
     "Prologue",
     "decode_prologue",
     "decode_prologue_reference",

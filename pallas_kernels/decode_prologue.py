@@ -20,7 +20,8 @@ one program per (batch row, KV head):
 
 Without hash weights (dense / oracle / quest layers) it does 1 and the K / V writes only. The reference
 (:func:`decode_prologue_reference`) is the unfused computation in ``jnp``; its pieces (:func:`rope_reference`,
-:func:`hash_mlp_reference`, :func:`write_rows`) are what the model and the hash modules use themselves.
+:func:`write_rows`, and ``pallas_kernels.hash_mlp``'s :func:`hash_mlp_reference`) are what the model and the hash
+modules use themselves.
 
 Bytes: q, k, v rows, the hash weights (L2-resident after the first program of a head), q out + codes; the writes
 are one H-row per cache and one W-word row per code cache: no cache byte is read.
@@ -28,7 +29,6 @@ are one H-row per cache and one W-word row per code cache: no cache byte is read
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -46,23 +46,8 @@ from pallas_kernels._common import (
     store_head_rows,
     triton_params,
 )
+from pallas_kernels.hash_mlp import HashMLP, hash_mlp_reference
 from pallas_kernels.pack_bits import pack_bits_reference
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["weights", "biases"],
-                   meta_fields=["silu_first", "residual"])  # fmt: skip
-@dataclasses.dataclass(frozen=True)
-class HashMLP:
-    """A stack of per-KV-head hash layers: weights [K, Din, Dout], biases [K, Dout] (or None) per layer; the flags
-    are static (SiLU after the first layer; residual ``x + f(x)`` where the widths match)."""
-
-    weights: tuple[jax.Array, ...]
-    biases: tuple[jax.Array | None, ...]
-    silu_first: bool = True
-    residual: bool = True
-
-    def dims(self) -> tuple[int, ...]:
-        return (self.weights[0].shape[1], *(w.shape[2] for w in self.weights))
 
 
 class Prologue(NamedTuple):
@@ -89,19 +74,6 @@ def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return (xf * cos + rotated * sin).astype(x.dtype)
-
-
-def hash_mlp_reference(x: jax.Array, mlp: HashMLP) -> jax.Array:
-    """x [K, M, Din] (any float dtype) -> fp32 features [K, M, bits]; head k uses layer weights [k]."""
-    y = x.astype(jnp.float32)
-    for i, (w, b) in enumerate(zip(mlp.weights, mlp.biases, strict=True)):
-        z = jnp.einsum("kmi,kio->kmo", y, w)
-        if b is not None:
-            z = z + b[:, None, :]
-        if i == 0 and mlp.silu_first:
-            z = jax.nn.silu(z)
-        y = y + z if (mlp.residual and z.shape[-1] == y.shape[-1]) else z
-    return y
 
 
 def write_rows(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:

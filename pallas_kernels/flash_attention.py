@@ -65,6 +65,7 @@ from pallas_kernels._common import (
     cdiv_traced,
     default_interpret,
     next_pow2,
+    prev_pow2,
     resolve_implementation,
     triton_params,
 )
@@ -419,7 +420,13 @@ def flash_attention(
     bq = _check_block("block_q", dq if block_q is None else block_q)
     bk = _check_block("block_k", dk if block_k is None else block_k)
     bq = min(bq, max(MIN_BLOCK, next_pow2(t)))  # a short chunk (T = 1: a decode-like call) takes a smaller tile
-    bk = min(bk, max(MIN_BLOCK, next_pow2(s)))
+    if s < MIN_BLOCK:  # a tiny cache: pad it to one tile, so that every key block lies inside the buffer
+        lengths = jnp.minimum(lengths, s)  # the padded keys stay invisible
+        pad = ((0, 0), (0, 0), (0, MIN_BLOCK - s), (0, 0))
+        k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
+        s = MIN_BLOCK
+    # A key block never overhangs the whole buffer: the unmasked loop's plain loads are traced at this size.
+    bk = min(bk, prev_pow2(s))
     return flash_attention_pallas(
         q,
         k_cache,

@@ -50,7 +50,8 @@ def _lower_topk(spec: str, one_launch: bool) -> None:
 
 
 def _lower_prologue(spec: str, hashed: bool) -> None:
-    from pallas_kernels.decode_prologue import HashMLP, decode_prologue
+    from pallas_kernels.decode_prologue import decode_prologue
+    from pallas_kernels.hash_mlp import HashMLP
 
     b, n, kv, h, bits, layers = map(int, spec.split(":"))
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16

@@ -1,6 +1,6 @@
 """spotlight-jax: Spotlight Attention (arXiv 2508.19740) for JAX/Pallas.
 
-Data flow (DESIGN.md §3): convert (HF weights -> Flax NNX CausalLM) -> data -> activations (post-RoPE q/k)
+Data flow (docs/design.md): convert (HF weights -> Flax NNX CausalLM) -> data -> activations (post-RoPE q/k)
 -> train (hash MLPs, Bradley-Terry, orbax) -> generate (jitted decode with dense | oracle | linear | spotlight
 retrieval, built on pallas_kernels) -> eval / bench.
 
@@ -8,6 +8,11 @@ Conversion, training and hashing are imported lazily.
 """
 
 import importlib
+import os
+
+# torch is a test-only reference here (GGUF is read with the `gguf` package): transformers' advice that PyTorch is
+# missing would greet every user of the torch-free install, so it is off unless the user set the variable.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 

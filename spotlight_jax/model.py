@@ -186,9 +186,9 @@ class Attention(nnx.Module):
             else:  # each row writes at its own position
                 args = (q, k, v, cache_kv, positions[:, 0], lengths, hash_module, None)
             if retrieval_cfg.mesh is not None:  # tensor parallel: each device runs the step on its heads
-                from spotlight_jax import parallel
+                from spotlight_jax.sharding import sharded_decode
 
-                out, new_cache = parallel.sharded_decode(step, retrieval_cfg.mesh, *args)
+                out, new_cache = sharded_decode(step, retrieval_cfg.mesh, *args)
             else:
                 out, new_cache = step(*args)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, n * h).astype(x.dtype)

@@ -8,9 +8,9 @@ How: a 1-D mesh with axis "tp". The dense parts run under XLA's SPMD partitioner
 (`shard_model`): q/k/v projections and the MLP's gate/up split by output columns (whole heads: query head j lives
 with KV head j // G), o_proj and down_proj by input rows (XLA inserts the all-reduces). The attention decode step
 (cache-row writes, key codes, retrieval and attention, all Pallas kernels on the GPU) runs per device in
-`jax.shard_map` over the KV-head axis (`sharded_decode`): the kernels work per (batch row, KV head), so each device
-runs them unchanged on its K / tp heads. Caches and code caches are split on the KV-head axis (`shard_cache`); hash
-modules (leading KV-head axis on every parameter) likewise.
+`jax.shard_map` over the KV-head axis (`spotlight_jax.sharding.sharded_decode`, which the model calls): the kernels
+work per (batch row, KV head), so each device runs them unchanged on its K / tp heads. Caches and code caches are
+split on the KV-head axis (`shard_cache`); hash modules (leading KV-head axis on every parameter) likewise.
 
 Use: `mesh = tp_mesh(2)`; `model = shard_model(model, mesh)`; `cache = shard_cache(cache, mesh)`; pass
 `RetrievalConfig(..., mesh=mesh)` to the decode loop. Prefill is left to the SPMD partitioner.
@@ -20,9 +20,6 @@ Axis legend: B batch, N query heads, K KV heads, T new tokens (1 when decoding),
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-
 import jax
 import numpy as np
 from flax import nnx
@@ -30,8 +27,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from spotlight_jax.model import CausalLM, KVCache
+from spotlight_jax.sharding import AXIS, HEADS
 
-AXIS = "tp"
 # Parameter path suffix -> PartitionSpec (nnx paths like ('layers', 3, 'attn', 'q_proj', 'kernel')).
 _RULES = {
     ("attn", "q_proj", "kernel"): P(None, AXIS),
@@ -46,7 +43,6 @@ _RULES = {
     ("mlp", "down_proj", "kernel"): P(AXIS, None),
     ("lm_head", "kernel"): P(None, AXIS),  # logits split by vocabulary (1 GB of Qwen2.5-7B weights)
 }
-_HEADS = P(None, AXIS)  # [B, heads, ...] activations and caches
 
 
 def tp_mesh(tp: int, devices=None) -> Mesh:
@@ -102,44 +98,10 @@ def shard_hashes(hashes, mesh: Mesh):
 
 def cache_sharding(mesh: Mesh) -> NamedSharding:
     """Where a [B, K, S, X] cache buffer lives: split on the KV-head axis."""
-    return NamedSharding(mesh, _HEADS)
+    return NamedSharding(mesh, HEADS)
 
 
 def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
     """KV and code caches [B, K, S, X] split on the KV-head axis."""
     put = lambda x: None if x is None else jax.device_put(x, cache_sharding(mesh))
     return KVCache(tuple(map(put, cache.k)), tuple(map(put, cache.v)), tuple(map(put, cache.codes)))
-
-
-def _local_hash_module(graphdef, state, tp: int):
-    """The hash module of one device's heads: same code, head counts divided by `tp` (they are shape checks)."""
-    module = copy.copy(nnx.merge(graphdef, state))
-    module.num_kv_heads //= tp
-    module.num_heads //= tp
-    return module
-
-
-def sharded_decode(step: Callable, mesh: Mesh, q, k, v, cache_kv, pos, lengths, hash_module, rope=None):
-    """Runs `step(q, k, v, cache_kv, pos, lengths, hash_module, rope) -> (out, new_cache_kv)` on each device's heads.
-
-    q [B, N, T, H], k / v [B, K, T, H], cache_kv (k, v, codes or None) [B, K, S, X], pos / lengths [B] and the RoPE
-    tables `rope` ((cos, sin) [B, H] or None) replicated; returns out [B, N, T, H] and the new caches, split on the
-    head axis.
-    """
-    tp = mesh.shape[AXIS]
-    hash_graphdef, hash_state = nnx.split(hash_module) if hash_module is not None else (None, None)
-    cache_specs = tuple(None if c is None else _HEADS for c in cache_kv)
-    hash_specs = None if hash_state is None else jax.tree.map(lambda _: P(AXIS), hash_state)
-
-    def local(q, k, v, cache_kv, pos, lengths, hash_state, rope):
-        module = None if hash_state is None else _local_hash_module(hash_graphdef, hash_state, tp)
-        return step(q, k, v, cache_kv, pos, lengths, module, rope)
-
-    fn = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(_HEADS, _HEADS, _HEADS, cache_specs, P(), P(), hash_specs, P()),
-        out_specs=(_HEADS, cache_specs),
-        check_vma=False,  # Pallas calls inside carry no varying-axis annotations
-    )
-    return fn(q, k, v, cache_kv, pos, lengths, hash_state, rope)

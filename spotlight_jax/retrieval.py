@@ -18,15 +18,14 @@ import jax.numpy as jnp
 
 from pallas_kernels import decode_attention as pallas_decode_attention
 from pallas_kernels import hamming_topk, resolve_implementation, sparse_decode_attention, spotlight_attention
-from spotlight_jax.config import RetrievalConfig
+from spotlight_jax.config import RetrievalConfig, keep_budget
 
 CODE_METHODS = ("linear", "spotlight")
 
 
 def live_budget(lengths: jax.Array, cfg: RetrievalConfig, k_max: int) -> jax.Array:
-    """[B] number of rows a step may read: max(min_keep, ceil(keep_ratio * length)), capped by the buffer."""
-    budget = jnp.maximum(cfg.min_keep, jnp.ceil(cfg.keep_ratio * lengths.astype(jnp.float32)).astype(jnp.int32))
-    return jnp.minimum(budget, k_max)
+    """[B] number of rows a step may read: `config.keep_budget` of each length, capped by the buffer."""
+    return jnp.minimum(keep_budget(lengths, cfg.keep_ratio, cfg.min_keep), k_max)
 
 
 def dense_decode_attention(q, k_cache, v_cache, lengths, scale, window=None, implementation=None):
@@ -48,14 +47,22 @@ def dense_decode_attention(q, k_cache, v_cache, lengths, scale, window=None, imp
     return out.reshape(b, n, h)
 
 
+def group_softmax(logits, live=True):
+    """The group-score oracle: true attention summed over each KV head's G query heads.
+
+    logits [B, K, G, ..., S] fp32 (scaled q.k), live bool broadcastable to them (True: masked already, -inf)
+    -> [B, K, ..., S] fp32 = the sum over G of the softmax over the live keys. Decoding's `oracle` method ranks by it,
+    and so do the recall oracle and the group-target loss (spotlight_jax.losses)."""
+    return jnp.sum(jax.nn.softmax(jnp.where(live, logits, -jnp.inf), axis=-1), axis=2)
+
+
 def group_attention_probs(q, k_cache, lengths, scale):
     """True attention, group-aggregated: [B, K, S] fp32 = sum over each KV head's G query heads of softmax(q.k)."""
     b, n, h = q.shape
     kh, s = k_cache.shape[1], k_cache.shape[2]
     logits = jnp.einsum("bkgh,bksh->bkgs", q.reshape(b, kh, n // kh, h), k_cache, preferred_element_type=jnp.float32)
     live = jnp.arange(s)[None, None, None, :] < lengths[:, None, None, None]
-    probs = jax.nn.softmax(jnp.where(live, logits * scale, -jnp.inf), axis=-1)
-    return jnp.sum(probs, axis=2)
+    return group_softmax(logits * scale, live)
 
 
 def topk_by_score(scores, lengths, k_max, budget):

@@ -111,14 +111,14 @@ def test_corrupt_params(saved, tmp_path):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_smollm2_checkpoint_restores_faster_than_gguf(smollm2_jax, tmp_path):
+def test_smollm2_checkpoint_round_trip(smollm2_jax, tmp_path):
     model, tokenizer, gguf_seconds = smollm2_jax
     path = save_model(model, tmp_path / "smollm2", tokenizer=tokenizer)
     start = time.perf_counter()
     restored = restore_model(path)
     restore_seconds = time.perf_counter() - start
     print(f"\nSmolLM2: load_model() from GGUF {gguf_seconds:.1f} s, restore_model() {restore_seconds:.1f} s")
-    assert restore_seconds < gguf_seconds
+    # Tests never assert on wall time (the restore and GGUF load times are printed for whoever reads the log).
     _, saved_tokenizer = load_model(path)  # model + tokenizer from the checkpoint folder alone
     text = "def f(x):\n    return x ** 2  # SmolLM2"
     assert saved_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]

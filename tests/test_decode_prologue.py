@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from pallas_kernels import HashMLP, decode_prologue, decode_prologue_reference
-from pallas_kernels.decode_prologue import hash_mlp_reference, rope_reference
+from pallas_kernels.decode_prologue import rope_reference
+from pallas_kernels.hash_mlp import hash_mlp_reference
 from spotlight_jax.config import ModelConfig
 from spotlight_jax.hashing import HashConfig, build_hash
 from tests.kernel_test_base import INTERPRET

@@ -59,6 +59,9 @@ CASES = {
     "single_query": (2, 4, 2, 1, 100, 16, 57, [58, 0], None, (16, 16), 32),
     # sliding window shorter than the chunk; row 1's last queries' windows end before its length: zeros
     "window": (2, 4, 2, 70, 260, 16, 150, [220, 180], 33, (32, 16), 32),
+    # caches shorter than the key tile: S = 20 < block_k 32 (the tile shrinks) and S = 10 < 16 (the cache is padded)
+    "short_cache": (2, 4, 2, 16, 20, 16, 4, [20, 13], None, (16, 32), 16),
+    "tiny_cache": (1, 2, 1, 5, 10, 16, 5, [10], None, (16, 16), 8),
 }
 
 

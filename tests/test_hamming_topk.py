@@ -8,14 +8,13 @@ from jax.experimental import pallas as pl
 from pallas_kernels import hamming_scores, hamming_scores_reference, hamming_topk, hamming_topk_reference
 from pallas_kernels._common import MAX_SPINS, sync_count, wait_count
 from pallas_kernels.hamming_topk import (
-    _csa_scores,
-    _query_word_planes,
     csa_compress,
     default_grid,
     hamming_topk_rows,
     hamming_topk_rows_stats,
     level_steps,
 )
+from pallas_kernels.hamming_topk.arithmetic import _csa_scores, _query_word_planes
 from tests.kernel_test_base import INTERPRET, random_codes, rng, scores_np
 
 # (batch, query heads, KV heads, S, bits): covers G in {1, 3, 4, 7, 8} and bits in {32 ... 256}.

@@ -15,6 +15,7 @@ from flax import nnx
 
 from spotlight_jax.bench.common import kernel_categories, roofline_us, write_results
 from spotlight_jax.bench.decode import random_model, time_decode_steps, weight_bytes_per_step
+from spotlight_jax.cli import method_fields
 from spotlight_jax.config import ModelConfig, RetrievalConfig, split_method
 from spotlight_jax.hashing import HashConfig, HashStack
 
@@ -68,15 +69,6 @@ def step_roofline_bytes(cfg, method, batch, context, wbytes, rcfg: RetrievalConf
     selected = batch * rcfg.k_max(context) * kv_bytes_per_token(cfg, len(sparse))
     parts = {"kv_read_GB": (dense_kv + selected) / 1e9, "codes_read_GB": codes / 1e9}
     return wbytes + (dense_kv + codes + selected) // tp, parts
-
-
-def method_fields(spec: str) -> dict:
-    """'spotlight+sink4' -> RetrievalConfig fields {method, sink_tokens}."""
-    try:
-        name, fields = split_method(spec)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    return {"method": name, **fields}
 
 
 def add_speedups(rows: list[dict]) -> None:

@@ -291,7 +291,8 @@ def _bench_prologue(results, cache, qs, key, cfg, args):
     """The decode step's prologue of one sparse layer (RoPE, hash MLP, packing, K / V / code writes at a position):
     the fused Pallas kernel vs the unfused XLA ops (its reference), caches chained through the calls in place."""
     from pallas_kernels import decode_prologue
-    from pallas_kernels.decode_prologue import HashMLP, rope_tables
+    from pallas_kernels.decode_prologue import rope_tables
+    from pallas_kernels.hash_mlp import HashMLP
 
     b, n, h = qs[0].shape
     kv, s = cache[0].shape[1:3]

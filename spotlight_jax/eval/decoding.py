@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spotlight_jax.config import ModelConfig, PrefillConfig, RetrievalConfig, split_method
+from spotlight_jax.cli import method_fields
+from spotlight_jax.config import ModelConfig, PrefillConfig, RetrievalConfig
 from spotlight_jax.generate import SamplingConfig, bucket, decode_loop
 from spotlight_jax.model import KVCache, init_cache
 from spotlight_jax.prefill import prefill
@@ -65,10 +66,8 @@ def method_setup(name: str, cfg: ModelConfig, args) -> tuple[str, RetrievalConfi
     5 % of the rows instead of --keep-ratio.
     """
     spec = name
-    try:
-        name, always_kept = split_method(spec)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    always_kept = method_fields(spec)  # a bad spec exits with the parser's message
+    name = always_kept.pop("method")
     base = dict(
         keep_ratio=args.keep_ratio, min_keep=args.min_keep, dense_layers=tuple(args.dense_layers),
         implementation=args.implementation,

@@ -1,45 +1,5 @@
-"""Hamming-similarity scoring of packed hash codes and exact top-k selection by counting.
-
-Axis legend: B batch, N query heads, K KV heads, G = N / K, S cache length, W = bits / 32 words,
-BK = B * K rows (one selection per batch row and KV head), T thresholds per counting pass.
-
-Score of token s for KV head h: ``sum_{j in group h} popcount(~(q_j ^ k_s))`` over all W words
-(GQA: query head j belongs to KV head j // G). Scores are integers in [0, G * bits].
-
-Why counting instead of sorting: ``lax.top_k`` over 128K-512K scores costs 0.1-1 ms, 10-40x the
-scan of the codes. Scores take at most G * bits + 1 values, so the k-th largest score t (the
-threshold) is found by counting how many scores reach each of T candidate thresholds, narrowing
-the candidate range T - 1 times per pass; ``ceil(log_{T-1}(G * bits + 1))`` passes (2 for 128-bit
-codes and G <= 7 with T = 32). Then one compaction pass writes every token with score > t and the
-first (by position) tokens with score == t until k are taken. All passes are grids over
-(row, S-block) so that every SM streams part of the cache.
-
-Kernels (Pallas Triton):
-1. ``_score_count_kernel``: codes -> int16 scores + per-block counts for the first T thresholds.
-   Every row < S gets a score: -1 past the row's length, also in the sub-blocks it skips.
-2. ``_refine_kernel`` (0 or more): reads the previous per-block counts, narrows the range, counts
-   the scores of its block against T finer thresholds.
-3. ``_compact_kernel``: exact threshold from the last counts, per-block offsets (prefix over the
-   blocks' counts), in-block ranks, scatter of indices and scores; fills the unused slots with
-   index 0 / score 0.
-
-One launch (``one_launch``; the default for grids of more than 264 programs per pass): the same three bodies
-run in one 1-D grid of (L + 1) x BK x NB programs, pass p on programs [p * BK * NB, (p + 1) * BK * NB) in row-major
-(row, block) order. A program of pass p >= 1 first waits until all NB programs of pass p - 1 of its row have arrived
-(``_common.sync_count`` / ``wait_count``: CTA barrier + acq_rel atomic on the producer side, bounded spin on the
-consumer side). It only ever waits on lower program ids, which the GPU dispatches first, so it needs no
-co-residency of the grid (the forward-progress argument of decoupled look-back scans), and interpret mode, which
-runs the programs in id order, never waits (the tests check that with one poll). Stores and loads go through
-``_Window``s of whole arrays. Measured: it drops two launch ramps and gaps but not the passes' latency chains
-(count table -> threshold -> score stream -> counts -> barrier); it gains 4-8 % on large grids and loses at
-batch 1 / 128K, hence the threshold (numbers at ``ONE_LAUNCH``).
-
-Counting (all passes): each token's score becomes a thermometer mask (bit j set iff
-score >= lo + j * step, at most 31 thresholds), and the masks are added into bit-sliced per-lane
-counters with carry-save adders (~3 logic ops per token whatever T); the per-threshold totals are
-extracted once per program (byte-lane SWAR sums, all columns in one cross-warp reduction). The
-refine pass adds the 8 scores that a thread loads with one 16-byte load into the same counter lane,
-so a thread extracts one lane instead of eight.
+"""The Pallas (Triton) kernels of the top-k and their wrappers: pass 1 (scores + counts), the refine passes,
+the compaction, the one-launch kernel that runs all three, and ``hamming_topk`` / ``hamming_scores``.
 
 Latency (refine and compaction are short: 4 steps of 2048 scores per program at 512K): every pass
 keeps ``depth`` steps' loads in flight (all of a program's span when it has at most ``depth``
@@ -48,34 +8,11 @@ later passes do not depend on the row length (pass 1 wrote -1 past it) and go ou
 count-table reads, behind a CTA barrier that keeps ptxas from reordering them. The compaction
 ranks a step's tokens with an in-thread prefix over each thread's 8 tokens plus one scan over the
 per-thread totals, in the one-token-per-thread layout of its scatter stores (no layout shuffles).
-
-Bytes: codes (16 B/token/head at 128 bits) once + int16 scores written once and read once per
-later pass (2 B each) + k indices and scores out.
-
-The group sum of popcounts is computed with bit planes of the per-bit query counts: with
-c_b = #query heads of the group whose bit b is 1 and M = 2^P - 1 >= G, P = bit_length(G),
-``score = sum_p 2^p popcount(~(plane_p ^ k)) - (M - G) * (bits - popcount(k))``: P popcounts per word
-instead of G (popcount issues at a quarter of the integer rate on Hopper). ``csa=False`` does exactly
-this (P * W popcounts per token, summed over the [Q, W] tile's words per plane).
-
-``csa=True`` (default) adds the words and planes with carry-save adders before counting. Bit b of a
-token contributes v_b = c_b if its key bit is 1 else G - c_b, so plane p of v is ``g_p ^ (k & d_p)``
-(g = planes of G - c, d = planes of c ^ (G - c), per query word; one LOP3) and, for G = 2^P - 1
-(1, 3, 7), ``k ^ g_p`` with g_p = ~c_p: no ``(M - G) popcount(k)`` term for any G. The P * W words
-(weight 2^p) form the columns of one tree (``csa_compress``): a full adder turns three words of a column
-into their xor (same weight) and majority (next weight), popcount(a) + popcount(b) + popcount(c) =
-popcount(sum) + 2 popcount(carry), so each one saves a popcount for ~2.5 LOP3s. The key words are
-loaded as [Q, <= 4] tiles (16 B per token, one thread's row) and split into [Q] vectors, so there is no
-per-word reduction. POPCs per token in the sm_90 SASS (csa=False -> True): at 128 bits G = 7 12 -> 7,
-G = 4 16 -> 5, G = 8 20 -> 7, G = 1 4 -> 3; at 256 bits G = 7 24 -> 8, G = 8 40 -> 8, for 2-3 LOP3s
-per popcount saved. ``csa_full_adders`` caps the adders (fewer LOP3s, more popcounts) for when the
-integer pipe, not POPC, is the bottleneck.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,107 +29,30 @@ from pallas_kernels._common import (
     triton_params,
     wait_count,
 )
-
-# Steps (of ``block_s`` tokens) whose code loads are in flight together in pass 1, and steps (of
-# 2 * ``block_s`` int16 scores) in the refine / compaction passes. Registers per thread grow with both:
-# pass 1 at depth 2 needs ~100 registers (2 programs of 8 warps per SM), at depth 1 ~56 (4 per SM), so
-# the default (None) is depth 2 only while the grid fits 2 programs per SM of an H100 (132 SMs).
-PASS1_DEPTH = None
-PASS1_DEPTH2_MAX_PROGRAMS = 2 * 132
-SCORE_DEPTH = 4
-# All passes in one launch (``_one_launch_kernel``) instead of one launch per pass: True, False, or None = when a
-# pass has more than ONE_LAUNCH_MIN_PROGRAMS programs. Measured (H100, jax 0.11.2, 2026-11-23, device us, Qwen2.5-7B
-# shape, three launches -> one): b1 128K 14.2 -> 16.4 and b1 512K 27.8 -> 27.1 (256 programs per pass), b8 128K
-# 47.6 -> 45.6, b8 512K 156.2 -> 154.5 (512), the TP=2 decode step's 27 x 2 heads at 128K 80.0 -> 73.6 (432).
-ONE_LAUNCH = None
-ONE_LAUNCH_MIN_PROGRAMS = 2 * 132
-# Step and warps when the caller gives neither (``default_grid``): 1024-token steps with 8 warps, except for grids that
-# stay three launches with at most SMALL_GRID_SPAN tokens per program, which run 512-token steps with 4 warps (twice
-# the steps per program, twice the programs per SM). Measured (H100, jax 0.11.2, 2026-11-23, device us, 1024 / 8 ->
-# 512 / 4): Qwen2.5-7B shape b1 128K 14.3 -> 12.4 (three runs: all three passes shorter), b1 32K 9.0 -> 8.8; longer
-# spans lose (b1 512K 27.8 -> 28.4, b1 1M 47.3 -> 48.7), and grids whose 512-token plan crosses into one launch lose
-# (Llama-3-8B shape b1 32K 11.2 -> 14.1), as do one-launch grids (Llama b1 128K 19.6 -> 20.0, Qwen b8 +0.1 to +4.8).
-SMALL_GRID_SPAN = 2048
-# At most the tokens a thread holds contiguously in a 16-byte load of int16 scores: the refine pass folds
-# a thread's scores of a step into one counter lane and the compaction ranks them in-thread.
-SCORE_LANES = 8
-
-
-class TopK(NamedTuple):
-    indices: jax.Array  # [B, K, k] int32, 0 in invalid slots
-    scores: jax.Array  # [B, K, k] int32, 0 in invalid slots
-    valid: jax.Array  # [B, K, k] bool
-
+from pallas_kernels.hamming_topk.arithmetic import (
+    _bitsliced_add,
+    _csa_scores,
+    _extract_counts,
+    _query_planes,
+    _query_word_planes,
+    _split_lanes,
+    _split_words,
+    _sum_columns,
+    _thermometer,
+)
+from pallas_kernels.hamming_topk.plan import (
+    TUNING,
+    _table_rows,
+    default_grid,
+    launches_once,
+    level_steps,
+    plan_spans,
+)
+from pallas_kernels.hamming_topk.reference import TopK, hamming_scores_reference, hamming_topk_reference, kernel_budget
 
 # --------------------------------------------------------------------------------------------
 # References (plain jnp)
 # --------------------------------------------------------------------------------------------
-
-
-@jax.jit
-def hamming_scores_reference(
-    q_codes,  # [B, N, W] uint32
-    k_codes,  # [B, K, S, W] uint32
-):
-    """int32 [B, K, S]: sum over the G query heads of each KV head of XNOR-popcounts."""
-    b, n, w = q_codes.shape
-    kv = k_codes.shape[1]
-    q = q_codes.reshape(b, kv, n // kv, 1, w)  # [B, K, G, 1, W]
-    x = ~(q ^ k_codes[:, :, None])  # [B, K, G, S, W]
-    return jnp.sum(lax.population_count(x).astype(jnp.int32), axis=(2, 4))
-
-
-def kernel_budget(budget, b: int, k: int):
-    """[B] int32 budget for the Pallas top-k, which clamps it to ``k`` itself (no separate XLA ``minimum``)."""
-    return jnp.full((b,), k, jnp.int32) if budget is None else jnp.asarray(budget, jnp.int32)
-
-
-def _live_budget(budget, b, k):
-    """[B] int32 budget clamped to ``k`` (the reference's)."""
-    return jnp.minimum(kernel_budget(budget, b, k), k)
-
-
-@functools.partial(jax.jit, static_argnames=("k",))
-def hamming_topk_reference(
-    q_codes,  # [B, N, W] uint32
-    k_codes,  # [B, K, S, W] uint32
-    lengths,  # [B] int32
-    k: int,
-    budget=None,  # [B] int32 <= k, or None
-) -> TopK:
-    """Exact reference with ``lax.top_k`` on masked scores."""
-    b, kv, s, _ = k_codes.shape
-    scores = hamming_scores_reference(q_codes, k_codes)
-    live = jnp.arange(s)[None, None, :] < lengths[:, None, None]
-    masked = jnp.where(live, scores, -1)
-    if k > s:
-        masked = jnp.pad(masked, ((0, 0), (0, 0), (0, k - s)), constant_values=-1)
-    vals, idx = lax.top_k(masked, k)
-    n_valid = jnp.minimum(_live_budget(budget, b, k), lengths)  # [B]
-    valid = jnp.broadcast_to(jnp.arange(k)[None, None, :] < n_valid[:, None, None], vals.shape)
-    return TopK(jnp.where(valid, idx, 0).astype(jnp.int32), jnp.where(valid, vals, 0), valid)
-
-
-# --------------------------------------------------------------------------------------------
-# Static plan of the counting passes
-# --------------------------------------------------------------------------------------------
-
-
-def level_steps(num_scores: int, num_thresholds: int) -> tuple[int, ...]:
-    """Threshold spacing of each counting pass.
-
-    Invariant: the threshold t lies in [lo, lo + w) with w = num_scores initially. A pass counts
-    scores >= lo + j * step for j < T, with step = 1 once w <= T - 1 (then t and t + 1 are both
-    counted, which the compaction needs), else ceil(w / (T - 1)); the next range has w = step.
-    """
-    t = num_thresholds
-    steps, w = [], num_scores
-    while True:
-        step = 1 if w <= t - 1 else cdiv(w, t - 1)
-        steps.append(step)
-        if step == 1:
-            return tuple(steps)
-        w = step
 
 
 def _pick_level(
@@ -210,124 +70,9 @@ def _pick_level(
     return jnp.clip(jstar, 0, t - 2), h
 
 
-def _thermometer(
-    s,  # [Q] int32 scores, -1 for dead tokens
-    lo,  # scalar int32 >= 0
-    step: int,
-    t: int,
-):
-    """[Q] int32 masks: bit j set iff s >= lo + j * step (j < t <= 31); 0 for dead tokens."""
-    e = jnp.maximum(s - lo + step, 0)
-    b = e if step == 1 else lax.div(e.astype(jnp.uint32), jnp.uint32(step)).astype(jnp.int32)
-    b = jnp.minimum(b, t)
-    return lax.shift_left(jnp.ones_like(b), b) - 1
-
-
-def _full_adder(a, b, c):
-    """Per bit a + b + c = sum + 2 * carry: (a ^ b ^ c, majority(a, b, c))."""
-    ab = a ^ b
-    return ab ^ c, (a & b) | (c & ab)
-
-
-def _half_adder(a, b):
-    """Per bit a + b = sum + 2 * carry: (a ^ b, a & b)."""
-    return a ^ b, a & b
-
-
-def _bitsliced_add(
-    counters,  # tuple of L [Q] int32: bit j of counters[l] = bit l of lane's count for threshold j
-    masks,  # list of [Q] int32 masks, weight 1
-):
-    """Carry-save addition of the masks into the bit-sliced per-lane counters (counts < 2^L)."""
-    levels = len(counters)
-    cols = [[c] for c in counters]
-    cols[0] = cols[0] + list(masks)
-    for lv in range(levels):
-        col = cols[lv]
-        while len(col) > 1:
-            if len(col) >= 3:
-                total, carry = _full_adder(col.pop(0), col.pop(0), col.pop(0))
-            else:
-                total, carry = _half_adder(col.pop(0), col.pop(0))
-            col.append(total)
-            if lv + 1 < levels:
-                cols[lv + 1].append(carry)
-    return tuple(c[0] for c in cols)
-
-
-def _sum_columns(cols):
-    """Column sums of ``len(cols)`` [Q] int32 tensors as one [Q, C] reduction (C = next power of two).
-
-    One cross-warp reduction instead of one per column: the columns are joined pairwise along a new
-    last axis (``tt.join``, thread-local) so that each thread holds all C values of its lanes.
-    """
-    c = next_pow2(len(cols))
-    vals = list(cols) + [jnp.zeros_like(cols[0])] * (c - len(cols))
-    while len(vals) > 1:  # value i ends at flat column i: pairs (j, j + h) nest with j as the faster index
-        h = len(vals) // 2
-        vals = [jnp.stack([vals[j], vals[j + h]], axis=-1) for j in range(h)]
-    q = cols[0].shape[0]
-    return jnp.sum(vals[0].reshape(q, c), axis=0)  # [C]
-
-
-def _extract_counts(
-    counters,  # tuple of L [Q] int32 bit-sliced counters
-    t: int,
-    lane_max: int,
-    total_max: int,
-):
-    """Per-threshold sums over the lanes of the bit-sliced counts, as ``[(offset, values)]`` slices of the [T] row.
-
-    ``lane_max`` bounds a lane's count and ``total_max`` the sum over lanes. Byte lanes when both fit: y_k holds
-    the counts of thresholds k, k+8, k+16, k+24 in its bytes; column c = k + 8 * (c // 8) keeps thresholds c and
-    c + 16 in its 16-bit halves; all columns are summed by one reduction.
-    """
-    if lane_max <= 255 and total_max <= 0xFFFF:
-        ncols = min(t, 16)
-        ys = {}
-        cols = []
-        for c in range(ncols):
-            k = c % 8
-            if k not in ys:
-                y = None
-                for lv, cnt in enumerate(counters):
-                    term = lax.shift_right_logical(cnt, k) & 0x01010101
-                    term = term << lv if lv else term
-                    y = term if y is None else y + term
-                ys[k] = y
-            cols.append(lax.shift_right_logical(ys[k], 8 * (c // 8)) & 0x00FF00FF)
-        tot = _sum_columns(cols)
-        out = [(0, tot & 0xFFFF)]
-        if t > 16:
-            out.append((16, lax.shift_right_logical(tot, 16)))
-        return out
-    cols = []
-    for j in range(min(t, 31)):
-        v = None
-        for lv, cnt in enumerate(counters):
-            term = lax.shift_right_logical(cnt, j) & 1
-            term = term << lv if lv else term
-            v = term if v is None else v + term
-        cols.append(v)
-    return [(0, _sum_columns(cols))]  # min(t, 31) columns padded to t (a power of two)
-
-
 def _store_counts(h_ref, parts):
     for off, vals in parts:
         h_ref[pl.ds(off, vals.shape[0])] = vals
-
-
-def _split_lanes(x, lanes: int):
-    """[N] -> ``lanes`` tensors [N / lanes]: element i of piece c is x[lanes * i + c].
-
-    With ``lanes`` = the elements a thread holds contiguously (8 for 16-byte loads of int16) every piece
-    has one element per thread, split without data movement (reshape + ``tt.split``).
-    """
-    if lanes == 1:
-        return [x]
-    n = x.shape[0]
-    parts = lax.split(x.reshape(n // lanes, lanes), (1,) * lanes, axis=1)
-    return [p.reshape(n // lanes) for p in parts]
 
 
 def _multiple_of(x, m: int):
@@ -367,11 +112,6 @@ def _stream(load, body, num_steps: int, steps, init, group: int, setup=None, fen
 
     acc, _ = lax.fori_loop(0, (steps + group - 1) // group, loop, (init, first))
     return acc, ctx
-
-
-# --------------------------------------------------------------------------------------------
-# Kernels
-# --------------------------------------------------------------------------------------------
 
 
 class _Window:
@@ -425,173 +165,6 @@ def _block_id(blk):
     """The S-block of this program: axis 1 of the (row, block) grid, or ``blk`` when the one-launch kernel
     runs a pass's body for a work item of its own."""
     return pl.program_id(1) if blk is None else blk
-
-
-def _query_planes(
-    q_ref,  # [G, W] int32 query codes of the group
-    group: int,
-    num_planes: int,
-):
-    """Bit-sliced sum of the group's query words: planes[p] holds bit p of the per-bit count c_b."""
-    return _bitsliced_count([q_ref[j, :] for j in range(group)], num_planes)  # [W] each
-
-
-def _bitsliced_count(words, num_planes: int):
-    """Bit-sliced count of the set bits of ``words`` per bit position: planes[p] holds bit p of the count."""
-    planes = [None] * num_planes
-    for x in words:
-        carry = x
-        for p in range(num_planes):
-            if carry is None:
-                break
-            if planes[p] is None:
-                planes[p], carry = carry, None
-            else:
-                planes[p], carry = planes[p] ^ carry, planes[p] & carry
-    zero = words[0] & 0
-    return [zero if x is None else x for x in planes]
-
-
-def _query_word_planes(
-    q,  # [G, W] int32 query codes of the group: a kernel ref (scalar loads) or an array
-    group: int,
-    num_planes: int,
-):
-    """Per word w the selector planes of the CSA path: ``sel[w][p] = (g_p, d_p)`` (scalars).
-
-    With c_b = #query heads of the group whose bit b is 1, a token's bit b contributes v_b = c_b if its
-    key bit is 1 else G - c_b. g_p is plane p of G - c (the bit-sliced count of the zeros) and d_p = c_p ^ g_p,
-    so that plane p of v is ``g_p ^ (k & d_p)`` (one LOP3). For G = 2^P - 1, G - c = ~c and d_p = ~0:
-    d is None and plane p of v is ``k ^ g_p``.
-    """
-    full = group == (1 << num_planes) - 1
-    sel = []
-    for w in range(q.shape[1]):
-        qw = [q[j, w] for j in range(group)]
-        zeros = _bitsliced_count([~x for x in qw], num_planes)
-        if full:
-            sel.append([(zeros[p], None) for p in range(num_planes)])
-        else:
-            ones = _bitsliced_count(qw, num_planes)
-            sel.append([(zeros[p], ones[p] ^ zeros[p]) for p in range(num_planes)])
-    return sel
-
-
-# Cost model of ``csa_compress`` in half issue slots of the integer pipe per token, calibrated on the sm_90 SASS of
-# the score kernel (Triton 3.8 + ptxas, G = 3..8, 128-bit codes): a full adder costs ~2.5 slots (LOP3s, after ptxas
-# fused the xors and the majority), a half adder ~2, a popcount ~4.5 (POPC issues at a quarter of the LOP3 rate on
-# Hopper, plus its share of the adds that combine the counts). A half adder + the full adder it enables cost as much
-# as the popcount they save, so half adders are used only where one enables two or more full adders.
-CSA_COSTS = (5, 4, 9)  # (full adder, half adder, popcount)
-
-
-class _CsaStep(NamedTuple):
-    full: int  # full adders in this column
-    half: bool  # then one half adder on the two words left
-
-
-def _csa_plan(counts, costs=CSA_COSTS, max_full: int | None = None) -> tuple[_CsaStep, ...]:
-    """Per column (weight 1 up) the adders of the cheapest compression of columns of ``counts`` words.
-
-    Full adders while a column holds three or more words (at most ``max_full`` in all, lowest columns first);
-    a half adder on a column left with two words where that lowers the total cost. Exhaustive over those
-    half-adder choices; ties go to fewer adders.
-    """
-    full_cost, half_cost, pop_cost = costs
-    best = None
-
-    def rec(e, carry, budget, plan, cost, adders):
-        nonlocal best
-        n = (counts[e] if e < len(counts) else 0) + carry
-        if e >= len(counts) and n == 0:
-            if best is None or (cost, adders) < best[0]:
-                best = ((cost, adders), tuple(plan))
-            return
-        fa = max(0, (n - 1) // 2)  # n -> n - 2 * fa words (1 or 2), fa carries into the next column
-        fa = fa if budget is None else min(fa, budget)
-        rest = None if budget is None else budget - fa
-        left = n - 2 * fa
-        base = cost + full_cost * fa
-        rec(e + 1, fa, rest, plan + [_CsaStep(fa, False)], base + pop_cost * left, adders + fa)
-        if left == 2 and rest != 0:
-            rec(e + 1, fa + 1, rest, plan + [_CsaStep(fa, True)], base + half_cost + pop_cost, adders + fa + 1)
-
-    rec(0, 0, max_full, [], 0, 0)
-    return best[1]
-
-
-def csa_compress(columns, *, costs=CSA_COSTS, max_full_adders: int | None = None):
-    """Carry-save compression of weighted words for a sum of popcounts.
-
-    ``columns[e]`` lists words of weight 2^e (int32 arrays of one shape, or anything with ``^ & |``). Returns
-    ``[(e, word)]``, fewer words, with the same weighted popcount sum, bit for bit:
-    ``sum_e 2^e sum_{x in columns[e]} popcount(x) == sum_{(e, x)} 2^e popcount(x)``.
-
-    A full adder replaces three words a, b, c of weight 2^e by their sum a ^ b ^ c (weight 2^e) and their
-    majority (a & b) | (c & (a ^ b)) (weight 2^(e+1)), since per bit a + b + c = sum + 2 * carry; a half
-    adder replaces two by a ^ b and a & b. Columns are compressed from weight 1 up, carries joining the next
-    column: full adders while a column holds three or more words (each saves a popcount for two LOP3s, ~2.5
-    in the sm_90 SASS), then a half adder on a column left with two words where its carry lets the columns
-    above save more popcounts than it costs. The plan (``_csa_plan``) depends only on the column sizes, ``costs`` (see
-    ``CSA_COSTS``) and ``max_full_adders`` (None: all that pay off; fewer trade LOP3s back for popcounts).
-    E.g. 3 columns of 4 words (G = 7 query heads, 128-bit codes): 5 full adders, 7 popcounts instead of 12.
-    """
-    plan = _csa_plan([len(c) for c in columns], costs, max_full_adders)
-    cols = [list(c) for c in columns] + [[] for _ in range(len(plan) - len(columns))]
-    out = []
-    for e, (col, step) in enumerate(zip(cols, plan, strict=True)):
-        carries = []
-        for _ in range(step.full):
-            total, carry = _full_adder(col.pop(0), col.pop(0), col.pop(0))
-            col.append(total)
-            carries.append(carry)
-        if step.half:
-            total, carry = _half_adder(*col)
-            col = [total]
-            carries.append(carry)
-        if carries:
-            cols[e + 1].extend(carries)
-        out.extend((e, x) for x in col)
-    return out
-
-
-def _weighted_popcount(terms):
-    """``sum_{(e, x)} 2^e popcount(x)`` as int32 (Horner over the distinct weights: one shift-add each)."""
-    by_e = {}
-    for e, x in terms:
-        pc = lax.population_count(x)
-        by_e[e] = pc if e not in by_e else by_e[e] + pc
-    es = sorted(by_e, reverse=True)
-    acc = by_e[es[0]]
-    for hi, lo in zip(es, es[1:], strict=False):
-        acc = (acc << (hi - lo)) + by_e[lo]
-    return acc << es[-1] if es[-1] else acc
-
-
-def _csa_scores(
-    words,  # W [Q] int32: word w of each token's key code
-    sel,  # _query_word_planes(...)
-    max_full_adders: int | None = None,
-):
-    """[Q] int32 group scores ``sum_j popcount(~(q_j ^ k))`` by one carry-save tree over all words and planes.
-
-    Column p of the tree holds plane p of the per-bit values v_b of every word (``_query_word_planes``).
-    """
-    cols = [[] for _ in sel[0]]
-    for k, planes in zip(words, sel, strict=True):
-        for p, (g, d) in enumerate(planes):
-            cols[p].append(k ^ g if d is None else g ^ (k & d))
-    return _weighted_popcount(csa_compress(cols, max_full_adders=max_full_adders))
-
-
-def _split_words(
-    tile,  # [Q, V] int32
-):
-    """V [Q] tensors, the columns of ``tile`` (thread-local when a thread holds its rows' V words)."""
-    q, v = tile.shape
-    if v == 1:
-        return [tile.reshape(q)]
-    return [x.reshape(q) for x in lax.split(tile, (1,) * v, axis=1)]
 
 
 def _score_count_kernel(
@@ -837,55 +410,8 @@ def _compact_kernel(
     nv_ref[...] = jnp.full((1,), n_valid, jnp.int32)
 
 
-# --------------------------------------------------------------------------------------------
 # Wrappers
 # --------------------------------------------------------------------------------------------
-
-
-def launches_once(one_launch: bool | None, programs: int) -> bool:
-    """Whether the top-k runs all passes in one launch: ``one_launch``, or (None) more than
-    ``ONE_LAUNCH_MIN_PROGRAMS`` programs per pass."""
-    return programs > ONE_LAUNCH_MIN_PROGRAMS if one_launch is None else one_launch
-
-
-def default_grid(
-    seq_len: int,
-    rows: int,
-    block_s: int | None = None,
-    num_warps: int | None = None,
-    max_blocks: int = 64,
-    target_programs: int = 528,
-    one_launch: bool | None = ONE_LAUNCH,
-) -> tuple[int, int]:
-    """(block_s, num_warps) with the caller's Nones filled in (see ``SMALL_GRID_SPAN`` for the rule and its numbers).
-
-    Only when both are None and the launch plan is left automatic can the rule pick 512-token steps with 4 warps:
-    a caller who fixes either one gets the other from the plain default (1024 / 8)."""
-    if block_s is None and num_warps is None:
-        span = plan_spans(seq_len, rows, 1024, max_blocks, target_programs)[1]
-        nb_small = plan_spans(seq_len, rows, 512, max_blocks, target_programs)[2]
-        if span <= SMALL_GRID_SPAN and not launches_once(one_launch, rows * nb_small):
-            return 512, 4
-    return (1024 if block_s is None else block_s), (8 if num_warps is None else num_warps)
-
-
-def _table_rows(num_blocks: int) -> int:
-    """Rows of the per-block count tables: a power of two, and at least 2. A one-row table crashed the GPU's
-    Triton compiler (segfault) in the refine/compaction passes' table reductions; padded rows are masked."""
-    return max(2, next_pow2(num_blocks))
-
-
-def plan_spans(seq_len: int, rows: int, sub: int, max_blocks: int = 64, target_programs: int = 528):
-    """(sub, span, num_blocks): programs stream ``span`` tokens in ``sub``-token steps.
-
-    Few enough blocks per row that every program can read the whole [blocks, T] count table of
-    the previous pass cheaply, and enough programs (about 4 per H100 SM) to keep HBM busy.
-    """
-    sub = min(sub, next_pow2(seq_len))
-    want_blocks = min(max_blocks, max(1, cdiv(target_programs, rows)), cdiv(seq_len, sub))
-    span = sub * cdiv(cdiv(seq_len, want_blocks), sub)
-    span = next_pow2(span) if span > sub else sub
-    return sub, span, cdiv(seq_len, span)
 
 
 def _score_kernel(
@@ -903,7 +429,7 @@ def _score_kernel(
 ):
     """Pass 1's kernel body with its static settings bound (``depth`` None: automatic from the program count)."""
     if depth is None:
-        depth = 2 if programs <= PASS1_DEPTH2_MAX_PROGRAMS else 1
+        depth = 2 if programs <= TUNING.pass1_depth2_max_programs else 1
     return functools.partial(
         _score_count_kernel,
         group=group,
@@ -1112,17 +638,17 @@ def hamming_topk_rows_stats(
     *,
     k: int,
     block_s: int | None = None,
-    num_thresholds: int = 32,
+    num_thresholds: int = TUNING.num_thresholds,
     num_warps: int | None = None,
-    max_blocks: int = 64,
-    target_programs: int = 528,
-    chunks: int = 4,
-    pass1_depth: int | None = PASS1_DEPTH,
-    depth: int = SCORE_DEPTH,
-    score_lanes: int = SCORE_LANES,
+    max_blocks: int = TUNING.max_blocks,
+    target_programs: int = TUNING.target_programs,
+    chunks: int = TUNING.chunks,
+    pass1_depth: int | None = TUNING.pass1_depth,
+    depth: int = TUNING.score_depth,
+    score_lanes: int = TUNING.score_lanes,
     csa: bool = True,
     csa_full_adders: int | None = None,
-    one_launch: bool | None = ONE_LAUNCH,
+    one_launch: bool | None = TUNING.one_launch,
     max_spins: int = MAX_SPINS,
     interpret: bool = False,
 ):
@@ -1241,7 +767,8 @@ def hamming_topk_rows(q_codes, k_codes, lengths, budget, **kwargs):
     budget, clamped to ``k``); keywords (static):
     ``block_s`` is the number of tokens per inner step of a program (``chunks`` loads of
     ``block_s / chunks`` tokens; 1 token per thread and chunk at block_s = chunks * 32 * num_warps); it and
-    ``num_warps`` default to ``default_grid``'s choice (1024 / 8, or 512 / 4 for small three-launch grids).
+    ``num_warps`` default to ``default_grid``'s choice (1024 / 8, or 512 / 4 for small three-launch grids;
+    ``TopKTuning``).
     ``pass1_depth`` / ``depth``: steps whose loads are in flight together in pass 1 / in the refine and
     compaction passes (powers of two; 1 = one-step prefetch, as before; None = automatic for pass 1).
     ``max_blocks`` / ``target_programs``: the grid's blocks per row and the programs it aims for (``plan_spans``).
@@ -1252,7 +779,7 @@ def hamming_topk_rows(q_codes, k_codes, lengths, budget, **kwargs):
     ``csa_full_adders``: at most this many full adders per token in that tree (None: every one that pays off
     under ``CSA_COSTS``); fewer keep more popcounts and fewer LOP3s, for when POPC is not the bottleneck.
     ``one_launch``: all passes in one kernel launch (``_one_launch_kernel``) instead of one launch per pass; None:
-    when a pass has more than ``ONE_LAUNCH_MIN_PROGRAMS`` programs (see ``ONE_LAUNCH``).
+    when a pass has more than ``TUNING.one_launch_min_programs`` programs (``TopKTuning.one_launch``).
     At most 31 of the ``num_thresholds`` (a power of two) are used: one bit each in an int32 mask.
     Slots ``>= n_valid`` of a row hold index 0 and score 0. This is the form that ``sparse_decode_attention_rows``
     consumes without materialising a boolean mask.
@@ -1285,11 +812,11 @@ def hamming_topk(
     implementation: str | None = None,
     interpret: bool = False,
     block_s: int | None = None,
-    num_thresholds: int = 32,
-    max_blocks: int = 64,
+    num_thresholds: int = TUNING.num_thresholds,
+    max_blocks: int = TUNING.max_blocks,
     num_warps: int | None = None,
     csa: bool = True,
-    one_launch: bool | None = ONE_LAUNCH,
+    one_launch: bool | None = TUNING.one_launch,
 ) -> TopK:
     """Per (batch row, KV head) the ``k`` highest-scoring of the first ``lengths[b]`` tokens.
 
