@@ -11,11 +11,10 @@ status=0
 for cmd in "$@"; do
   echo "=== bench $cmd"
   case "$cmd" in
-    decode)   python3 -m spotlight_jax.bench decode --batch 1 8 --context 4096 32768 ;;
-    generate) python3 -m spotlight_jax.bench generate ;;
-    train)    python3 -m spotlight_jax.bench train ;;
-    *)        python3 -m spotlight_jax.bench $cmd ;;
+    decode)   python3 -m spotlight_jax.bench decode --batch 1 8 --context 4096 32768 --out-dir "$OUT" ;;
+    generate) python3 -m spotlight_jax.bench generate --out-dir "$OUT" ;;
+    train)    python3 -m spotlight_jax.bench train --out-dir "$OUT" ;;
+    *)        python3 -m spotlight_jax.bench $cmd --out-dir "$OUT" ;;
   esac || status=1
 done
-cp experiments/results/*.json experiments/results/*.md "$OUT"/ 2>/dev/null
 exit $status

@@ -14,4 +14,4 @@ done
 [ "${SKIP_DECODE:-0}" = 1 ] && exit 0
 q() { grep --line-buffered -v -i -E "warn|slow_operation|rematerial|exceeds the base limit"; }
 timeout 200 python -m spotlight_jax.bench decode --batch 1 8 20 --context 32768 --steps 16 --repeats 3 \
-  --name decode_check 2>&1 | q | grep -E "compiled|step_us" | tee -a "$dest/decode_check.log"
+  --name decode_check --out-dir "$dest" 2>&1 | q | grep -E "compiled|step_us" | tee -a "$dest/decode_check.log"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kernel tests compiled on the GPU (no interpret mode), then the kernel benchmark.
-#   scripts/gpu_kernels.sh [benchmark args...]      e.g. --models qwen2.5-7b --batches 1
+#   scripts/gpu_kernels.sh [benchmark args...]      e.g. --model qwen2.5-7b --batch 1
 # Logs and the JSON land in $OUT (device tool) or experiments/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     tests/test_decode_prologue.py 2>&1 | tee "$dest/kernels_tests_gpu.log"
   rc=${PIPESTATUS[0]}
 fi
-json="$dest/kernels_$(date -u +%Y%m%d_%H%M%S).json"
-python -m spotlight_jax.bench kernels --out "$json" "$@" 2>&1 | tee "$dest/kernels_bench.log"
+stem="kernels_$(date -u +%Y%m%d_%H%M%S)"; json="$dest/$stem.json"
+python -m spotlight_jax.bench kernels --out-dir "$dest" --name "$stem" "$@" 2>&1 | tee "$dest/kernels_bench.log"
 [ "$dest" != experiments/results ] && cp "$json" experiments/results/ 2>/dev/null
 exit $rc

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 dest="${OUT:-experiments/results}/quality"
 mkdir -p "$dest"
-common=(--hashes "${HASHES:?set HASHES to a hash export}" --out "$dest")
+common=(--hashes "${HASHES:?set HASHES to a hash export}" --out-dir "$dest")
 [ -n "${MODEL:-}" ] && common+=(--model "$MODEL")
 quiet() { grep --line-buffered -v -i -E "warn|slow_operation|\*\*\*\*|very slow compile"; }
 rc=0

@@ -12,8 +12,7 @@ mkdir -p "$dest"
 tp="${TP:-2}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -m spotlight_jax.bench generate --tp "$tp" --context ${CONTEXT:-131072} ${BATCH:+--batch $BATCH} --methods ${METHODS:-dense spotlight} \
-  --steps ${STEPS:-32} --repeats 3 --profile --name "generate_tp$tp" 2>&1 | grep --line-buffered -v -i -E "warn|slow_op" \
+  --steps ${STEPS:-32} --repeats 3 --profile --name "generate_tp$tp" --out-dir "$dest" 2>&1 | grep --line-buffered -v -i -E "warn|slow_op" \
   | tee "$dest/generate_tp$tp.log"
 rc=${PIPESTATUS[0]}
-[ "$dest" != experiments/results ] && cp experiments/results/generate_tp"$tp".* "$dest"/ 2>/dev/null
 exit $rc

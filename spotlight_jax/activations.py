@@ -14,9 +14,12 @@ one batch at a time and never holds the cache in RAM.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,11 +30,13 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from spotlight_jax._io import read_json
+from spotlight_jax._io import DiskFullError, dir_lock, disk_guard, read_json, write_json_atomic
 from spotlight_jax.config import ModelConfig
 
 MANIFEST = "manifest.json"
 TOKENS_FILE = "tokens.npy"
+LOCK_FILE = "collect.lock"
+_FINGERPRINT_SAMPLES = 1024  # values read per parameter tensor for the weights fingerprint
 FORMAT_VERSION = 1
 _STORAGE = {"bfloat16": (np.uint16, ml_dtypes.bfloat16), "float32": (np.float32, np.float32)}
 
@@ -56,15 +61,43 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def weights_fingerprint(model) -> str:
+    """sha256 of the model's config (its name aside) and of 1024 evenly spaced values of every parameter tensor.
+
+    Cheap (one small gather per tensor) and exact across machines (raw values, no float sums): it tells another
+    model, another checkpoint of the same architecture or another parameter dtype apart. It is an identity, not a
+    corruption check: a change confined to values it does not sample goes unseen.
+    """
+    h = hashlib.sha256(json.dumps({**model.cfg.to_dict(), "name": ""}, sort_keys=True).encode())
+    for path, var in sorted(nnx.to_flat_state(nnx.state(model)), key=lambda kv: tuple(map(str, kv[0]))):
+        x = var[...]
+        flat = jnp.reshape(x, (-1,))
+        idx = np.unique(np.linspace(0, max(flat.size - 1, 0), _FINGERPRINT_SAMPLES).round().astype(np.int64))
+        sample = np.asarray(flat[idx]) if flat.size else np.zeros(0)
+        h.update(f"{'.'.join(map(str, path))}|{tuple(x.shape)}|{x.dtype}|".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()[:16]
+
+
 def _write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
-    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, MANIFEST))  # atomic: a crash never leaves a half-written manifest
+    write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)  # a crash never leaves a half-written manifest
+
+
+def same_source(recorded: dict[str, Any] | None, now: dict[str, Any] | None) -> bool:
+    """Whether two `convert.describe_source` records name the same model: by the weight files' fingerprint when
+    both have one (a moved folder is the same model, another model at the same path is not), else by name."""
+    if not recorded or not now:
+        return recorded == now
+    if recorded.get("files_sha256") and now.get("files_sha256"):
+        return recorded["files_sha256"] == now["files_sha256"]
+    return recorded.get("model") == now.get("model")
 
 
 def _check_same(manifest: dict[str, Any], expect: dict[str, Any], out_dir: str) -> None:
-    wrong = {k: (manifest.get(k), v) for k, v in expect.items() if manifest.get(k) != v}
+    def differs(k, v):
+        return not same_source(manifest.get(k), v) if k == "model_source" else manifest.get(k) != v
+
+    wrong = {k: (manifest.get(k), v) for k, v in expect.items() if differs(k, v)}
     if wrong:
         detail = "; ".join(f"{k}: on disk {a!r} vs now {b!r}" for k, (a, b) in wrong.items())
         raise ActivationCacheError(
@@ -83,12 +116,16 @@ def collect_activations(
     dtype: str = "bfloat16",
     model_name: str | None = None,
     data_info: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> ActivationReader:
     """Run the frozen `model` over `samples` (int [num, T]) and store post-RoPE q/k of `layers` under `out_dir`.
 
-    Resumable: an existing folder made with the same model config, samples, layers and dtype continues from its
-    `completed` count; a different one raises `ActivationCacheError`. Returns an `ActivationReader`.
+    Resumable: an existing folder made with the same model (config and weights fingerprint), samples, layers and
+    dtype continues from its `completed` count; a different one raises `ActivationCacheError`. `source` (what
+    `convert.describe_source` says of the model's origin) is recorded and, when given, must match on resume. The
+    disk space the cache needs is checked and reserved before anything is written, and the folder is locked while
+    collecting. Returns an `ActivationReader`.
     """
     samples = np.asarray(samples)
     if samples.ndim != 2 or not np.issubdtype(samples.dtype, np.integer):
@@ -102,19 +139,42 @@ def collect_activations(
     num, seq_len = samples.shape
     if num == 0:
         raise ValueError("no samples to collect activations for")
+    if samples.size and (samples.min() < 0 or samples.max() >= cfg.vocab_size):
+        raise ValueError(
+            f"samples hold token ids outside the model's vocabulary [0, {cfg.vocab_size}) (found {samples.min()}.."
+            f"{samples.max()}): they were tokenised for another model"
+        )
+    if seq_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"samples of {seq_len} tokens exceed the model's {cfg.max_position_embeddings} positions (its activations "
+            "there are not what decoding sees): lower seq_len"
+        )
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    with dir_lock(out_dir, LOCK_FILE, "activation collection"):
+        return _collect_locked(
+            model, samples, out_dir, layers, batch_size=batch_size, dtype=dtype, model_name=model_name,
+            data_info=data_info, source=source, progress=progress,
+        )  # fmt: skip
+
+
+def _collect_locked(model, samples, out_dir, layers, *, batch_size, dtype, model_name, data_info, source, progress):
+    cfg: ModelConfig = model.cfg
+    num, seq_len = samples.shape
     storage, _ = _STORAGE[dtype]
     n, kh, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     expect = {
         "format_version": FORMAT_VERSION,
         "model_config": json.loads(json.dumps(cfg.to_dict())),
+        "model_weights_sha256": weights_fingerprint(model),
         "num_samples": num,
         "seq_len": seq_len,
         "dtype": dtype,
         "layers": list(layers),
         "tokens_sha256": tokens_fingerprint(samples),
     }
+    if source is not None:
+        expect["model_source"] = json.loads(json.dumps(source))
     if os.path.exists(os.path.join(out_dir, MANIFEST)):
         manifest = read_manifest(out_dir)
         _check_same(manifest, expect, out_dir)
@@ -127,19 +187,36 @@ def collect_activations(
             "completed": 0,
             "shapes": {"q": [num, n, seq_len, h], "k": [num, kh, seq_len, h]},
         }
-        np.save(os.path.join(out_dir, TOKENS_FILE), samples.astype(np.int32))
         mode = "w+"
-    files = {}
-    for i in layers:
-        for which, heads in (("q", n), ("k", kh)):
+    shapes = {(i, which): (num, heads, seq_len, h) for i in layers for which, heads in (("q", n), ("k", kh))}
+    if mode == "w+":
+        _check_free_space(out_dir, sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(storage).itemsize)
+    files: dict[tuple[int, str], np.memmap] = {}
+    created: list[str] = []
+
+    def remove_created(files=files):  # a cache that could not be made whole leaves nothing behind
+        files.clear()  # closes the maps before their files go
+        for p in created:
+            with contextlib.suppress(OSError):
+                os.remove(p)
+
+    with disk_guard(f"creating the activation cache in {out_dir}", remove_created if mode == "w+" else None):
+        if mode == "w+":
+            created.append(os.path.join(out_dir, TOKENS_FILE))
+            np.save(created[-1], samples.astype(np.int32))
+        for (i, which), shape in shapes.items():
             path = os.path.join(out_dir, layer_file(i, which))
             if mode == "r+" and not os.path.exists(path):
                 raise ActivationCacheError(f"{path} is missing although the manifest lists layer {i}; delete {out_dir}")
+            if mode == "w+":
+                created.append(path)
             files[i, which] = np.lib.format.open_memmap(
-                path, mode=mode, dtype=storage, shape=(num, heads, seq_len, h) if mode == "w+" else None
+                path, mode=mode, dtype=storage, shape=shape if mode == "w+" else None
             )
-    if mode == "w+":
-        _write_manifest(out_dir, manifest)
+            if mode == "w+":
+                _reserve(path)
+        if mode == "w+":
+            _write_manifest(out_dir, manifest)
 
     start = int(manifest["completed"])
     if start < num:
@@ -164,11 +241,36 @@ def collect_activations(
             for f in files.values():
                 f.flush()
             manifest["completed"] = hi
-            _write_manifest(out_dir, manifest)
+            with disk_guard(f"updating {MANIFEST} in {out_dir} (the samples so far are kept)"):
+                _write_manifest(out_dir, manifest)
             bar.update(hi - lo)
         bar.close()
     del files
     return ActivationReader(out_dir)
+
+
+def _check_free_space(out_dir: str, nbytes: int) -> None:
+    free = shutil.disk_usage(out_dir).free
+    if nbytes > free:
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"the activation cache needs {nbytes / 2**30:.2f} GiB but {out_dir} has {free / 2**30:.2f} GiB free: "
+            "free some space, or pass fewer samples / layers or another --activations-dir",
+        )
+
+
+def _reserve(path: str) -> None:
+    """Allocate the memmap's blocks now: writing through a memory map onto a full disk kills the process with
+    SIGBUS instead of raising, so the space must be taken while an error is still an exception."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # EOPNOTSUPP etc.: a filesystem without fallocate; the free-space check above is all there is
+    finally:
+        os.close(fd)
 
 
 class ActivationReader:

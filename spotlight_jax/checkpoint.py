@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spotlight_jax._io import atomic_dir
 from spotlight_jax.config import ModelConfig
 from spotlight_jax.model import CausalLM
 
@@ -48,31 +48,34 @@ def config_from_json(d: dict[str, Any]) -> ModelConfig:
 
 
 def save_model(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False) -> str:
-    """Write `model`'s parameters and config (and `tokenizer`, if given) under the folder `path`; returns it."""
+    """Write `model`'s parameters and config (and `tokenizer`, if given) under the folder `path`; returns it.
+
+    The folder is written beside `path` and renamed into place, so `path` holds a whole checkpoint or none (also
+    after a crash or a full disk). `overwrite=True` replaces an earlier `save_model` folder (or an empty one) and
+    refuses any other folder, so that files of yours are never deleted.
+    """
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path):
-        if not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        shutil.rmtree(path)
-    os.makedirs(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     _, state = nnx.split(model)
     param_dtype = jax.tree.leaves(state)[0].dtype
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, PARAMS_DIR), state)
-    checkpointer.wait_until_finished()
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(path, TOKENIZER_DIR))
-    meta = {
-        "format": FORMAT,
-        "model_config": model.cfg.to_dict(),
-        "dtype": jnp.dtype(model.dtype).name,
-        "param_dtype": jnp.dtype(param_dtype).name,
-    }
-    # The JSON is written last, so a folder with the JSON has complete params (an interrupted save has none).
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
+    with atomic_dir(path, "a spotlight_jax model checkpoint", is_checkpoint) as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, PARAMS_DIR), state)
+        checkpointer.wait_until_finished()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
+        meta = {
+            "format": FORMAT,
+            "model_config": model.cfg.to_dict(),
+            "dtype": jnp.dtype(model.dtype).name,
+            "param_dtype": jnp.dtype(param_dtype).name,
+        }
+        # Written last: a folder with the JSON has complete params (the rename makes that hold at `path` too).
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
     return path
 
 

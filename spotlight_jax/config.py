@@ -6,11 +6,17 @@ Both are hashable so they can be static arguments of `jax.jit`; make variants wi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import os
 from typing import Any
+
+from spotlight_jax._io import read_json
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
 
 # HF `model_type`s that map onto our CausalLM (Llama-style decoder: RoPE, RMSNorm, SwiGLU).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -41,6 +47,11 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral-style local attention: keys more than this far back are masked
 
     def __post_init__(self):
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+        values = {k: getattr(self, k) for k in (*sizes, "head_dim")}
+        bad = {k: v for k, v in values.items() if not _is_int(v) or v < 1}
+        if bad:
+            raise ValueError(f"model sizes must be integers >= 1, got {bad}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}: spotlight_jax supports {SUPPORTED_MODEL_TYPES} "
@@ -83,9 +94,19 @@ class ModelConfig:
                 path = os.path.join(path, "config.json")
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no config.json at {path}: a model folder needs config.json + *.safetensors")
-            with open(path) as f:
-                hf_config = json.load(f)
-        cfg = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+            hf_config = read_json(path, ValueError, f"no config.json at {path}")
+            try:
+                return cls._from_hf_dict(hf_config, name)
+            except KeyError as e:
+                raise ValueError(f"{path} lacks {e}, which the model shape needs: is it a model's config.json?") from e
+            except (TypeError, ZeroDivisionError) as e:
+                raise ValueError(f"{path} holds a value of the wrong type or size ({e}); fix or re-download it") from e
+        if not isinstance(hf_config, dict) and not hasattr(hf_config, "to_dict"):
+            raise TypeError(f"from_hf takes a transformers config, a dict or a path, got {type(hf_config).__name__}")
+        return cls._from_hf_dict(hf_config if isinstance(hf_config, dict) else hf_config.to_dict(), name)
+
+    @classmethod
+    def _from_hf_dict(cls, cfg: dict[str, Any], name: str) -> ModelConfig:
         model_type = cfg.get("model_type", "<missing>")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -179,11 +200,16 @@ LAUNCH_MODIFIERS = {"1launch": True, "3launch": False}
 def split_method(spec: str) -> tuple[str, dict[str, int | float | bool]]:
     """'spotlight+sink4+recent16' -> ('spotlight', {'sink_tokens': 4, 'recent_window': 16}).
 
-    Modifiers after '+' (RetrievalConfig fields of a sparse method): '+sink<N>' / '+recent<N>' always keep the first /
-    last N rows; '+keep<P>' keeps P % of the rows (keep_ratio = P / 100, e.g. '+keep5', '+keep2.5'); '+1launch' /
-    '+3launch' run the Hamming top-k as one kernel launch or one per pass (topk_one_launch); '+prologue' /
-    '+noprologue' run each decode step's RoPE, hashing and cache writes as one kernel or as the unfused XLA ops
-    (fused_prologue, on by default; also for dense).
+    Modifiers after '+' (RetrievalConfig fields of a sparse method):
+    - '+sink<N>' / '+recent<N>' always keep the first / last N rows;
+    - '+rerank<R>' rescores R * k Hamming candidates exactly and keeps the best k (two-stage selection, linear /
+      spotlight);
+    - '+mass<P>' keeps, within the budget, the fewest rows whose estimated attention mass reaches P (adaptive
+      budget: oracle, or with +rerank<R>);
+    - '+keep<P>' keeps P % of the rows (keep_ratio = P / 100, e.g. '+keep5', '+keep2.5');
+    - '+1launch' / '+3launch' run the Hamming top-k as one kernel launch or one per pass (topk_one_launch);
+    - '+prologue' / '+noprologue' run each decode step's RoPE, hashing and cache writes as one kernel or as the
+      unfused XLA ops (fused_prologue, on by default; also for dense).
     """
     name, *mods = spec.split("+")
     fields: dict[str, int | float | bool] = {}
@@ -203,14 +229,23 @@ def split_method(spec: str) -> tuple[str, dict[str, int | float | bool]]:
                 raise ValueError(f"method modifier {mod!r}: +keep<P> takes a percentage in (0, 100], e.g. +keep5")
             fields["keep_ratio"] = pct / 100
             continue
-        for field, prefix in (("sink_tokens", "sink"), ("recent_window", "recent")):
+        if mod.startswith("mass"):
+            try:
+                mass = float(mod[4:])
+            except ValueError:
+                mass = -1.0
+            if not 0 < mass <= 1:
+                raise ValueError(f"method modifier {mod!r}: +mass<P> takes an attention mass in (0, 1], e.g. +mass0.9")
+            fields["top_p"] = mass
+            continue
+        for field, prefix in (("sink_tokens", "sink"), ("recent_window", "recent"), ("rerank", "rerank")):
             if mod.startswith(prefix) and mod[len(prefix) :].isdigit():
                 fields[field] = int(mod[len(prefix) :])
                 break
         else:
             raise ValueError(
-                f"unknown method modifier {mod!r}: use +sink<N>, +recent<N> (e.g. spotlight+sink4), +keep<P>, "
-                "+1launch, +3launch, +prologue, +noprologue"
+                f"unknown method modifier {mod!r}: use +sink<N>, +recent<N> (e.g. spotlight+sink4), +rerank<R>, "
+                "+mass<P>, +keep<P>, +1launch, +3launch, +prologue, +noprologue"
             )
     if set(fields) - {"fused_prologue"} and name == "dense":
         raise ValueError("dense reads every row: method modifiers (+sink<N>, +keep<P>, ...) apply to sparse methods")
@@ -259,6 +294,13 @@ class RetrievalConfig:
     # (pallas_kernels.decode_prologue) instead of ~15 small XLA kernels (H100, B5 128K: spotlight step 8.03 ->
     # 7.84 ms, dense unchanged). On the XLA path it runs the same ops unfused. False: the model's unfused ops.
     fused_prologue: bool = True
+    # Two-stage selection: the Hamming top-k keeps rerank * k candidates, whose exact q.k scores (group-summed
+    # attention, as the oracle ranks) pick the final k (retrieval.rerank). 1 = off (one stage).
+    rerank: int = 1
+    # Adaptive budget (in the spirit of Twilight's top-p): of the budget's rows ranked by exact attention, keep the
+    # fewest whose attention mass reaches top_p, and at least min_keep; the budget becomes a cap. The mass is
+    # measured where exact scores exist: over every row (oracle) or over the rerank candidates. 1.0 = off.
+    top_p: float = 1.0
     # Tensor parallelism: a jax Mesh with axis "tp" (spotlight_jax.parallel.tp_mesh); the decode step's attention
     # then runs per device on its KV heads. None = one device.
     mesh: Any = None
@@ -268,10 +310,32 @@ class RetrievalConfig:
             raise ValueError(f"unknown retrieval method {self.method!r}; choose one of {METHODS}")
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.min_keep < 1:
-            raise ValueError(f"min_keep must be >= 1, got {self.min_keep}")
-        if self.bits % 32:
-            raise ValueError(f"bits must be a multiple of 32, got {self.bits}")
+        if not _is_int(self.min_keep) or self.min_keep < 1:
+            raise ValueError(f"min_keep must be an integer >= 1, got {self.min_keep!r}")
+        if not _is_int(self.bits) or self.bits < 32 or self.bits % 32:
+            raise ValueError(f"bits must be a positive multiple of 32 (e.g. 128), got {self.bits!r}")
+        for name in ("sink_tokens", "recent_window"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not _is_int(self.rerank) or self.rerank < 1:
+            raise ValueError(f"rerank must be an integer >= 1 (1 = one-stage selection), got {self.rerank!r}")
+        if self.rerank > 1 and self.method not in ("linear", "spotlight"):
+            raise ValueError(
+                f"rerank rescores Hamming candidates: it applies to linear / spotlight, not {self.method!r}"
+            )
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p (attention mass to keep) must be in (0, 1], got {self.top_p!r}")
+        if self.top_p < 1.0 and not (self.method == "oracle" or self.rerank > 1):
+            raise ValueError(
+                "top_p needs exact scores: use it with method 'oracle' or with rerank > 1 "
+                "(e.g. spotlight+rerank4+mass0.9)"
+            )
+        if not _is_int(self.quest_page_size) or self.quest_page_size < 1:
+            raise ValueError(f"quest_page_size must be an integer >= 1, got {self.quest_page_size!r}")
+        if isinstance(self.dense_layers, list):  # a list would make the config unhashable (a static jit argument)
+            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if not isinstance(self.dense_layers, tuple) or not all(_is_int(i) and i >= 0 for i in self.dense_layers):
+            raise ValueError(f"dense_layers must be a tuple of layer indices >= 0, got {self.dense_layers!r}")
         if self.mesh is not None and "tp" not in getattr(self.mesh, "axis_names", ()):
             raise ValueError(f"mesh must have an axis named 'tp' (spotlight_jax.parallel.tp_mesh), got {self.mesh!r}")
         if self.fused_prologue not in (True, False):
@@ -280,6 +344,15 @@ class RetrievalConfig:
             raise ValueError(f"topk_one_launch must be True, False or None, got {self.topk_one_launch!r}")
         if self.implementation not in (None, "xla", "pallas"):
             raise ValueError(f"implementation must be 'xla', 'pallas' or None, got {self.implementation!r}")
+
+    def check_layers(self, num_layers: int) -> None:
+        """Refuse dense_layers naming a layer the model does not have (a typo would silently keep no layer dense)."""
+        bad = [i for i in self.dense_layers if i >= num_layers]
+        if bad:
+            raise ValueError(
+                f"dense_layers {list(self.dense_layers)} name layer(s) {bad}, but the model has layers "
+                f"0..{num_layers - 1}: fix dense_layers"
+            )
 
     def k_max(self, max_len: int) -> int:
         """Static size of the selection buffer for a cache of `max_len` tokens."""

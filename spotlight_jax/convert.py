@@ -252,9 +252,27 @@ def safetensors_files(folder: str) -> list[str]:
     """The weight files of a model folder: those named by `model.safetensors.index.json`, else all `*.safetensors`."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted({os.path.join(folder, v) for v in weight_map.values()})
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = set(weight_map.values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ConversionError(
+                f"{index} is not a valid safetensors index ({type(e).__name__}: {e}): truncated or damaged; "
+                "download it again"
+            ) from e
+        root = os.path.realpath(folder)
+        outside = sorted(
+            str(v) for v in shards
+            if not isinstance(v, str) or os.path.commonpath([root, os.path.realpath(os.path.join(root, v))]) != root
+        )  # fmt: skip
+        if outside:
+            # A shard name is data from the download: it must not reach files outside the model folder.
+            raise ConversionError(
+                f"{index} names weight file(s) outside {folder}: {', '.join(outside[:3])}. Refusing to read them; "
+                "the index must name shard files inside the model folder"
+            )
+        files = sorted(os.path.join(folder, v) for v in shards)
         absent = [f for f in files if not os.path.exists(f)]
         if absent:
             raise FileNotFoundError(
@@ -283,7 +301,14 @@ def safetensors_tensors(files: Iterable[str]) -> dict[str, LazyTensor]:
 
     out: dict[str, LazyTensor] = {}
     for path in files:
-        with safe_open(path, framework="numpy") as f:
+        try:
+            f = safe_open(path, framework="numpy")
+        except Exception as e:  # SafetensorError: the header does not cover the file (truncated) or is garbage
+            raise ConversionError(
+                f"{path} is not a readable safetensors file ({type(e).__name__}: {e}): truncated or damaged; "
+                "download it again"
+            ) from e
+        with f:
             for name in f.keys():
                 info = f.get_slice(name)
                 if name in out:
@@ -354,6 +379,65 @@ def _hf_config_from_dict(config: dict[str, Any]) -> Any:
 
     config = dict(config)
     return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a source names, told without loading it (run provenance).
+
+# Files that make a model folder what it is; tokenizer files, READMEs and notes beside them do not count.
+_MODEL_FILE_PATTERNS = (
+    "config.json", "model.safetensors.index.json", "*.safetensors", "*.gguf", "spotlight_model.json",
+)  # fmt: skip
+_SAMPLE_BYTES = 1 << 20
+
+
+def _files_fingerprint(paths: list[tuple[str, str]]) -> str:
+    """sha256 over (name, size, first and last MiB) of each (name, path): cheap even for 15 GB of shards, and it
+    changes when a file is replaced by another model's (its size or its header and tail differ)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, path in sorted(paths):
+        size = os.path.getsize(path)
+        h.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(_SAMPLE_BYTES))
+            if size > 2 * _SAMPLE_BYTES:
+                f.seek(size - _SAMPLE_BYTES)
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
+def describe_source(source: Any = None) -> dict[str, Any]:
+    """What `load_model(source)` would load, without loading it: `{"model", "name", "files_sha256"}`.
+
+    `model` is the embedded model's name, a local path made absolute, a hub id or a transformers class; `name` is
+    the name `load_model` gives the model; `files_sha256` fingerprints the local weight files (None for a hub id, a
+    live model or an embedded model that is not installed), so that a run can tell another model at the same path,
+    and the same model moved elsewhere, apart.
+    """
+    if source is None:
+        name = defaults.DEFAULT_MODEL_NAME
+        try:
+            path = str(defaults.default_gguf_path())
+        except defaults.DefaultModelNotInstalledError:
+            return {"model": f"embedded {name}", "name": name, "files_sha256": None}
+        return {"model": f"embedded {name}", "name": name, "files_sha256": _files_fingerprint([("", path)])}
+    if not isinstance(source, str | os.PathLike):
+        name = getattr(source, "name_or_path", "") or getattr(getattr(source, "config", None), "_name_or_path", "")
+        return {"model": f"{type(source).__name__} {name}".strip(), "name": name, "files_sha256": None}
+    source = os.fspath(source)
+    if os.path.isfile(source):
+        path = os.path.realpath(source)
+        name = os.path.basename(path).removesuffix(".gguf")
+        return {"model": path, "name": name, "files_sha256": _files_fingerprint([("", path)])}
+    if os.path.isdir(source):
+        folder = os.path.realpath(source)
+        files = {p for pattern in _MODEL_FILE_PATTERNS for p in glob.glob(os.path.join(folder, pattern))}
+        files |= {p for p in glob.glob(os.path.join(folder, "params", "**"), recursive=True) if os.path.isfile(p)}
+        fingerprint = _files_fingerprint([(os.path.relpath(p, folder), p) for p in files]) if files else None
+        return {"model": folder, "name": os.path.basename(os.path.normpath(source)), "files_sha256": fingerprint}
+    return {"model": source, "name": source, "files_sha256": None}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import sysconfig
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,35 @@ def _local_builder(path: str) -> str | None:
     return _LOCAL_BUILDERS.get(os.path.splitext(base)[1].lower())
 
 
+def _load_local(datasets: Any, builder: str, files: list[str]) -> Any:
+    """`datasets.load_dataset` of local files, its failures (bad UTF-8, bad JSON, an empty file) as one sentence."""
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise DataSourceError(f"data file {empty[0]} is empty: give a file with at least one document")
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as e:
+        cause, seen = e, set()
+        while cause.__cause__ or cause.__context__:  # DatasetGenerationError keeps the real reason underneath
+            if id(cause) in seen:
+                break
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        hint = "the file must be UTF-8 text" if isinstance(cause, UnicodeDecodeError) else f"is it valid {builder}?"
+        names = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more)"
+        raise DataSourceError(f"could not read {names} ({type(cause).__name__}: {str(cause)[:200]}): {hint}") from e
+
+
+def _check_texts(texts: Sequence[Any], source: str) -> None:
+    """Text rows must be strings (None / missing counts as an empty document, which is skipped)."""
+    for i, t in enumerate(texts):
+        if t is not None and not isinstance(t, str):
+            raise DataSourceError(
+                f"dataset {source!r}: row {i} of the text column is a {type(t).__name__} ({str(t)[:40]!r}), not text: "
+                "point --text-field at a column of strings"
+            )
+
+
 def load_documents(
     source: str = STDLIB,
     *,
@@ -77,7 +107,7 @@ def load_documents(
             raise DataSourceError(
                 f"cannot read {matches[:3]}: use one kind of .json/.jsonl/.txt/.parquet/.csv (optionally .gz)"
             )
-        ds = datasets.load_dataset(builders.pop(), data_files=matches, split="train")
+        ds = _load_local(datasets, builders.pop(), matches)
     else:
         name, _, config = source.partition(":")
         # Never touch the network unless asked: `datasets` reads its offline switch at import time, so flip the
@@ -100,6 +130,8 @@ def load_documents(
                 datasets.config.HF_HUB_OFFLINE = saved[1]
     if text_field not in ds.column_names:
         raise DataSourceError(f"dataset {source!r} has no {text_field!r} column (columns: {ds.column_names})")
+    if len(ds) == 0:
+        raise DataSourceError(f"dataset {source!r} has no rows")
     if text_field != "text":
         ds = (
             ds.rename_column(text_field, "text")
@@ -146,6 +178,7 @@ def pack_samples(
     order = np.arange(len(texts))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(texts))
+    _check_texts(texts, "texts")
     need = seq_len * num_samples
     buf: list[int] = []
     for lo in range(0, len(order), batch_docs):
@@ -159,6 +192,8 @@ def pack_samples(
         if len(buf) >= need:
             break
     have = len(buf) // seq_len
+    if not buf:
+        raise DataSourceError("the documents are all empty: there is no text to make samples from")
     if have == 0:
         raise DataSourceError(f"the documents hold {len(buf)} tokens: not even one {seq_len}-token sample")
     if have < num_samples and not allow_fewer:
@@ -191,6 +226,7 @@ def build_samples(
     ds = load_documents(source, split=split, text_field=text_field, allow_download=allow_download)
     idx = split_documents(len(ds), part, heldout_fraction, seed)
     texts = ds.select(idx)["text"]
+    _check_texts(texts, source)
     samples = pack_samples(texts, tokenizer, seq_len, num_samples, eos_id=eos_id, shuffle_seed=seed)
     info = {
         "source": source,
@@ -213,8 +249,15 @@ def load_samples(path: str, *, seq_len: int, num_samples: int) -> tuple[np.ndarr
     """Samples saved by `save_samples`; their length must be `seq_len` and there must be `num_samples` of them."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no token file at {path}: write one with spotlight_jax.data.save_samples")
-    with np.load(path) as f:
-        samples, info = f["samples"], json.loads(str(f["info"]))
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            samples, info = f["samples"], json.loads(str(f["info"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # JSONDecodeError is a ValueError
+        raise DataSourceError(
+            f"{path} is not a token file written by save_samples ({type(e).__name__}: {e}): rebuild it"
+        ) from e
+    if not np.issubdtype(samples.dtype, np.integer) or not isinstance(info, dict):
+        raise DataSourceError(f"{path} holds {samples.dtype} samples / {type(info).__name__} info: rebuild it")
     if samples.ndim != 2 or samples.shape[1] != seq_len or samples.shape[0] < num_samples:
         raise ValueError(
             f"{path} holds samples of shape {samples.shape}; this run needs {num_samples} x {seq_len}: "

@@ -526,6 +526,7 @@ def generate(
     if prefill_chunk is not None:
         prefill_cfg = dataclasses.replace(prefill_cfg, chunk=prefill_chunk)
     chunk = prefill_cfg.chunk_for(len(rows), prompt_bucket, cache_len, jax.default_backend())
+    retrieval_cfg.check_layers(cfg.num_layers)
     if retrieval_cfg.method in retrieval.CODE_METHODS:
         if hashes is None:
             raise ValueError(f"retrieval method {retrieval_cfg.method!r} needs hash modules: pass hashes=HashStack")
@@ -626,17 +627,26 @@ class _Printer:
             self.printed = text
 
 
+CLI_EXAMPLES = """examples:
+  spotlight-generate "def fibonacci(n):" --max-new-tokens 64
+  spotlight-generate --prompt-file long.txt --method spotlight --hashes runs/hash-smollm2-135m/hashes --stats
+  spotlight-generate "Name three prime numbers." --chat --stream --temperature 0.7 --top-p 0.9 --seed 1
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from spotlight_jax import cli
+
     p = argparse.ArgumentParser(
         prog="spotlight-generate",
         description="Generate text with a model (default: the embedded SmolLM2-135M-Instruct, offline) and dense or "
         "Spotlight decode attention.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=CLI_EXAMPLES,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("prompt", nargs="?", default=None, help="the prompt text (or use --prompt-file)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file ('-' = standard input)")
-    p.add_argument("--model", default=None, help="model source for load_model: a folder, .gguf file or hub id "
-                   "(default: the embedded SmolLM2-135M-Instruct)")  # fmt: skip
+    cli.add_model_arg(p)
     p.add_argument("--method", choices=METHODS, default="dense", help="decode attention")
     p.add_argument("--hashes", default=None, help="exported hash checkpoint folder (needed by --method spotlight; "
                    "--method linear without it uses a seeded random linear hash)")  # fmt: skip
@@ -659,8 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the tokens as they are produced")  # fmt: skip
     p.add_argument("--stats", action=argparse.BooleanOptionalAction, default=False,
                    help="print time to first token, decode tokens/s and total time (to stderr)")  # fmt: skip
-    p.add_argument("--debug", action=argparse.BooleanOptionalAction, default=False,
-                   help="show the full traceback of an error")  # fmt: skip
+    cli.add_debug_arg(p)
     return p
 
 
@@ -747,18 +756,10 @@ def _run(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from spotlight_jax.cli import run_cli
+
     args = build_parser().parse_args(argv)
-    try:
-        _run(args)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:
-        if args.debug:
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: _run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

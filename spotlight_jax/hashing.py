@@ -29,7 +29,7 @@ from flax import nnx
 
 import pallas_kernels as _kernels
 from pallas_kernels.hash_mlp import HashMLP, hash_mlp_reference
-from spotlight_jax._io import read_json
+from spotlight_jax._io import atomic_dir, read_json, verify_sums, write_sums
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 
 VALID_SPOTLIGHT_BITS = (32, 64, 128, 256)
@@ -326,26 +326,47 @@ def _pure_params(stack: HashStack) -> dict[str, Any]:
     return {f"layer_{i:03d}": nnx.to_pure_dict(nnx.state(stack.for_layer(i))) for i in stack.layers}
 
 
-def export_hashes(path: str | os.PathLike, stack: HashStack, meta: dict[str, Any] | None = None) -> str:
-    """Write `path/params` (orbax) + `path/hash_config.json`. `meta` adds e.g. training data / steps to the JSON."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(path, exist_ok=True)
-    params_dir = os.path.join(path, HASH_PARAMS_DIR)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(params_dir, jax.device_get(_pure_params(stack)), force=True)
-        ckptr.wait_until_finished()
-    info = stack_meta(stack, **(meta or {}))
-    tmp = os.path.join(path, HASH_CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(path, HASH_CONFIG_FILE))
-    return path
-
-
 class HashCheckpointError(ValueError):
     """An exported hash checkpoint is missing, corrupt, or does not fit the model it is loaded for."""
+
+
+def _check_finite(params: dict[str, Any], what: str) -> None:
+    for layer, tree in params.items():
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            if not np.isfinite(np.asarray(x)).all():
+                raise HashCheckpointError(
+                    f"{what}: {layer}{jax.tree_util.keystr(path)} holds NaN or inf (a diverged run or a damaged "
+                    "checkpoint): retrain that layer or restore an intact copy"
+                )
+
+
+def is_hash_export(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a folder written by `export_hashes` (has its JSON config)."""
+    return os.path.isfile(os.path.join(os.fspath(path), HASH_CONFIG_FILE))
+
+
+def export_hashes(path: str | os.PathLike, stack: HashStack, meta: dict[str, Any] | None = None) -> str:
+    """Write `path/params` (orbax), `path/hash_config.json` and checksums of both. `meta` adds e.g. training data /
+    steps to the JSON.
+
+    All-or-nothing: the export is written beside `path` and renamed into place, so an interrupted re-export leaves
+    the previous one whole. An existing `path` must be an earlier export (or empty); non-finite parameters are
+    refused before anything is written.
+    """
+    import orbax.checkpoint as ocp
+
+    params = jax.device_get(_pure_params(stack))
+    _check_finite(params, "not exporting the hashes")
+    info = stack_meta(stack, **(meta or {}))
+    path = os.path.abspath(os.fspath(path))
+    with atomic_dir(path, "a hash export", is_hash_export) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, HASH_PARAMS_DIR), params, force=True)
+            ckptr.wait_until_finished()
+        with open(os.path.join(tmp, HASH_CONFIG_FILE), "w") as f:
+            json.dump(info, f, indent=2, default=str)
+        write_sums(tmp)
+    return path
 
 
 def read_hash_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -366,8 +387,16 @@ def load_hashes(
     """Load an exported `HashStack` and check it fits `model_cfg` (and `retrieval_cfg`'s bits / dense layers)."""
     import orbax.checkpoint as ocp
 
+    if not os.fspath(path).strip():
+        raise HashCheckpointError("empty hash checkpoint path: pass the folder written by export_hashes")
     path = os.path.abspath(os.fspath(path))
     info = read_hash_config(path)
+    try:
+        problem = verify_sums(path)
+    except FileNotFoundError:
+        problem = None  # exported before checksums were written: the shape and finiteness checks below still run
+    if problem:
+        raise HashCheckpointError(f"hash checkpoint {path} is damaged: {problem}; export it again")
     expect = {
         "num_layers": model_cfg.num_layers,
         "num_heads": model_cfg.num_heads,
@@ -386,6 +415,7 @@ def load_hashes(
         raise HashCheckpointError(f"hash checkpoint {path} has {info.get('bits')}-bit codes, but {want_bits} asked")
     layers = tuple(info.get("layers", ()))
     if retrieval_cfg is not None:
+        retrieval_cfg.check_layers(model_cfg.num_layers)
         need = non_dense_layers(model_cfg.num_layers, retrieval_cfg.dense_layers)
         missing = sorted(set(need) - set(layers))
         if missing:
@@ -413,7 +443,20 @@ def load_hashes(
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(params_dir, target)
     except Exception as e:  # orbax raises many types for truncated / mismatched files
-        raise HashCheckpointError(f"could not restore hash params from {params_dir}: {type(e).__name__}: {e}") from e
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        raise HashCheckpointError(
+            f"could not restore hash params from {params_dir} ({type(e).__name__}: {msg}): the params do not match "
+            f"{HASH_CONFIG_FILE} or are damaged; export them again"
+        ) from e
+    # Orbax fills the target's structure; a stored tree with other keys or shapes must not pass unnoticed.
+    want = jax.tree.map(lambda x: x.shape, target)
+    got = jax.tree.map(lambda x: np.shape(x), restored)
+    if jax.tree.structure(want) != jax.tree.structure(got) or jax.tree.leaves(want) != jax.tree.leaves(got):
+        raise HashCheckpointError(
+            f"hash params in {params_dir} do not have the shapes {HASH_CONFIG_FILE} describes ({hash_cfg.bits} bits, "
+            f"dims {list(hash_cfg.dims(model_cfg.head_dim))}): the folder mixes two exports; export it again"
+        )
+    _check_finite(restored, f"hash checkpoint {path}")
     stack = HashStack(model_cfg, hash_cfg, layers=layers, rngs=nnx.Rngs(0))
     for i in layers:
         state = nnx.state(stack.for_layer(i))

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_kernels import resolve_implementation
@@ -261,6 +262,21 @@ class DecoderLayer(nnx.Module):
         return x, new_cache, qk
 
 
+def check_token_ids(tokens: Any, vocab_size: int) -> None:
+    """Refuse float, negative or out-of-vocabulary ids when their values are known (outside jit). An embedding
+    lookup would clamp them to a valid row and return plausible logits for a token nobody asked for."""
+    if isinstance(tokens, jax.core.Tracer):
+        return  # traced: the caller checked the concrete ids (generate, collect_activations)
+    arr = np.asarray(tokens)
+    if arr.ndim != 2:
+        raise ValueError(f"tokens must be a [batch, length] array of token ids, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers, got {arr.dtype} values: tokenise the text first")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)].flat[0]
+        raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size}): wrong tokenizer?")
+
+
 class CausalLM(nnx.Module):
     """Decoder-only LM. Parameter names mirror HF's so that `convert.KEY_TABLE` stays a short declarative table."""
 
@@ -296,6 +312,7 @@ class CausalLM(nnx.Module):
         """With a cache, a call is a prefill chunk when `cache_offset` is given (its tokens at positions
         cache_offset.. of every row; dense causal attention over the cache so far) and a decode step when it is not
         and T == 1. T > 1 without `cache_offset` is a prefill chunk at 0 (the whole prompt in one chunk)."""
+        check_token_ids(tokens, self.cfg.vocab_size)
         b, t = tokens.shape
         if cache is not None and cache_offset is None and t > 1:
             cache_offset = 0

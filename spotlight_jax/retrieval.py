@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import decode_attention as pallas_decode_attention
 from pallas_kernels import hamming_topk, resolve_implementation, sparse_decode_attention, spotlight_attention
+from pallas_kernels.candidate_scores import candidate_scores
 from spotlight_jax.config import RetrievalConfig, keep_budget
 
 CODE_METHODS = ("linear", "spotlight")
@@ -72,6 +73,44 @@ def topk_by_score(scores, lengths, k_max, budget):
     _, idx = jax.lax.top_k(jnp.where(live, scores, -jnp.inf), k_max)
     valid = jnp.arange(k_max)[None, None, :] < jnp.minimum(budget, lengths)[:, None, None]
     return jnp.where(valid, idx, 0).astype(jnp.int32), valid
+
+
+def mass_budget(sorted_probs, group: int, top_p: float, min_keep: int, budget):
+    """Adaptive budget: sorted_probs [B, K, k] group-summed attention in descending order (each of the G query heads
+    contributes a softmax summing to 1, so the total is G) -> [B, K] int32 rows to keep, the fewest whose mass
+    reaches top_p * G, clipped to [min_keep, budget [B]]."""
+    p = jnp.maximum(sorted_probs, 0.0)
+    before = jnp.cumsum(p, axis=-1) - p  # mass of the rows ranked above each row
+    need = jnp.sum(before < top_p * group, axis=-1).astype(jnp.int32)  # through the row that crosses top_p
+    return jnp.clip(need, min_keep, budget[:, None])
+
+
+def _keep_first(n, k_max: int, shape):
+    """[B, K, k_max] bool: the first n [B] or [B, K] slots."""
+    n = n[:, None, None] if n.ndim == 1 else n[..., None]
+    return jnp.broadcast_to(jnp.arange(k_max)[None, None, :] < n, shape)
+
+
+def rerank(q, k_cache, candidates, cand_valid, lengths, scale, k_max, budget, implementation=None, *, top_p=1.0,
+           min_keep=1):  # fmt: skip
+    """Second stage of a two-stage selection: of C candidates per (b, KV head) keep the top-`budget` by exact score.
+
+    candidates / cand_valid [B, K, C] (the Hamming top-(R * k)) -> (indices, valid) [B, K, k_max]. The score is the
+    oracle's (`group_softmax`: attention summed over the group's G query heads), normalised over the candidates; so
+    with candidates covering every live row the result is the oracle's selection. Only the candidates' K rows are
+    read (`pallas_kernels.candidate_scores`). `top_p` < 1: the adaptive budget (`mass_budget`) over the candidates.
+    """
+    logits = candidate_scores(q, k_cache, candidates, cand_valid, scale, implementation=implementation)  # [B,K,G,C]
+    probs = group_softmax(logits)  # [B, K, C]; NaN for a row without candidates (it keeps no slot either)
+    probs = jnp.where(cand_valid & ~jnp.isnan(probs), probs, -1.0)
+    top_probs, top = jax.lax.top_k(probs, k_max)  # [B, K, k_max], descending
+    indices = jnp.take_along_axis(candidates, top, axis=-1)
+    # The first min(budget, length) candidates by score are valid ones: there are min(R * budget, length) of those.
+    keep = jnp.minimum(budget, lengths)
+    if top_p < 1.0:
+        keep = jnp.minimum(mass_budget(top_probs, logits.shape[2], top_p, min_keep, budget), lengths[:, None])
+    valid = _keep_first(keep, k_max, indices.shape)
+    return jnp.where(valid, indices, 0).astype(jnp.int32), valid
 
 
 def quest_select(q, k_cache, lengths, k_max, budget, page):
@@ -129,18 +168,30 @@ def select(
     if cfg.method in CODE_METHODS:
         if hash_module is None or code_cache is None:
             raise ValueError(f"retrieval method {cfg.method!r} needs hash modules and a key-code cache")
+        # With rerank R the Hamming stage keeps R * k candidates for the exact second stage.
+        k_cand = min(k_cache.shape[2], cfg.rerank * k_max)
         sel = hamming_topk(
             hash_module.query_codes(q) if q_codes is None else q_codes,
             code_cache,
             lengths,
-            k_max,
-            budget,
+            k_cand,
+            jnp.minimum(cfg.rerank * budget, k_cand),
             implementation=cfg.implementation,
             one_launch=cfg.topk_one_launch,
         )
         indices, valid = sel.indices, sel.valid
+        if cfg.rerank > 1:
+            indices, valid = rerank(
+                q, k_cache, indices, valid, lengths, scale, k_max, budget, cfg.implementation, top_p=cfg.top_p,
+                min_keep=cfg.min_keep,
+            )  # fmt: skip
     elif cfg.method == "oracle":
-        indices, valid = topk_by_score(group_attention_probs(q, k_cache, lengths, scale), lengths, k_max, budget)
+        probs = group_attention_probs(q, k_cache, lengths, scale)  # [B, K, S]
+        indices, valid = topk_by_score(probs, lengths, k_max, budget)
+        if cfg.top_p < 1.0:
+            sorted_probs = jnp.take_along_axis(probs, indices, axis=-1)  # descending: lax.top_k's order
+            keep = mass_budget(sorted_probs, q.shape[1] // k_cache.shape[1], cfg.top_p, cfg.min_keep, budget)
+            valid = valid & _keep_first(keep, k_max, indices.shape)
     elif cfg.method == "quest":
         indices, valid = quest_select(q, k_cache, lengths, k_max, budget, cfg.quest_page_size)
     else:
@@ -165,7 +216,7 @@ def decode_attention(
     """One decode step of one layer: dense on dense layers, else select rows and attend over only those."""
     if not cfg.is_sparse_layer(layer):
         return dense_decode_attention(q, k_cache, v_cache, lengths, scale, window, cfg.implementation)
-    if cfg.method in CODE_METHODS and not (cfg.sink_tokens or cfg.recent_window):
+    if cfg.method in CODE_METHODS and not (cfg.sink_tokens or cfg.recent_window or cfg.rerank > 1):
         # The fused path: Hamming top-k and sparse attention back to back (Pallas on GPU).
         k_max = cfg.k_max(k_cache.shape[2])
         q_codes = hash_module.query_codes(q) if q_codes is None else q_codes

@@ -107,7 +107,7 @@ def test_train_cli_on_cached_activations(tmp_path, model, samples):
     assert meta["model_name"] == "tiny-acts" and meta["activation_samples"] == 3
     # a cache made for other settings is refused with a clear message
     assert (
-        main(["--activations-dir", str(tmp_path / "acts"), "--out-dir", str(tmp_path / "r3"), "--seq-len", "64"]) == 1
+        main(["--activations-dir", str(tmp_path / "acts"), "--out-dir", str(tmp_path / "r3"), "--seq-len", "64"]) == 2
     )
     assert main(["--activations-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "r2"), "--seq-len", "80",
-                 "--model", str(tmp_path / "no-model")]) == 1  # fmt: skip
+                 "--model", str(tmp_path / "no-model")]) == 2  # fmt: skip

@@ -1,8 +1,6 @@
 """The benchmark CLIs' pure parts: variant specs, roofline bytes, method modifiers, profile arithmetic, the timing
 harness's call chaining (no timing is asserted)."""
 
-import argparse
-
 import jax.numpy as jnp
 import pytest
 
@@ -24,14 +22,14 @@ def test_topk_variant_specs():
     }  # fmt: skip
     assert _variant_name(kw) == "bs=1024,T=32,w=8,mb=128,P=1056,d=2,csa=0"
     assert _topk_variant("one=1")["one_launch"] is True
-    with pytest.raises(SystemExit, match="unknown top-k variant key 'x'"):
+    with pytest.raises(ValueError, match="unknown top-k variant key 'x'"):
         _topk_variant("x=1")
 
 
 def test_attention_variant_specs():
     assert _attention_variant("bt=64,w=8,st=3,hb=32") == dict(block_t=64, num_warps=8, num_stages=3, merge_block_h=32)
     for bad in ("x=1", "bt", "bt=a"):
-        with pytest.raises(SystemExit, match="bad attention variant item"):
+        with pytest.raises(ValueError, match="bad attention variant item"):
             _attention_variant(bad)
 
 
@@ -56,9 +54,9 @@ def test_method_modifiers():
     assert method_fields("dense+prologue") == {"method": "dense", "fused_prologue": True}  # dense layers fuse too
     assert method_fields("spotlight+prologue+1launch")["fused_prologue"] is True
     assert method_fields("dense+noprologue") == {"method": "dense", "fused_prologue": False}  # the default is fused
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError):
         method_fields("dense+1launch")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError):
         method_fields("spotlight+sideways3")
 
 
@@ -106,11 +104,9 @@ def test_kernels_table_has_a_row_per_configuration():
 
 
 def test_unknown_model_shape_is_a_clear_error():
-    parser = argparse.ArgumentParser()
-    kernels.add_arguments(parser)
-    args = parser.parse_args(["--models", "llama3-8b"])
-    with pytest.raises(SystemExit, match="unknown model shape.*llama-3-8b"):
-        kernels.run(args)
+    with pytest.raises(ValueError, match="unknown model shape 'gpt-5'.*llama3-8b"):
+        kernels.run(kernels.KernelsConfig(model=("gpt-5",)))
+    assert kernels.MODELS["llama3-8b"] == (32, 8, 128)  # named as ModelConfig.preset names it
 
 
 def test_kernel_categories_of_a_decode_step():

@@ -1,7 +1,5 @@
 """The decode-path evaluations compute what generate() computes (tiny random model, CPU)."""
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,20 +73,17 @@ def test_prefill_into_a_cache_narrower_than_the_length_bucket():
 
 
 def test_token_files_carry_their_corpus(tmp_path):
-    import argparse
-
     path = str(tmp_path / "t.npz")
-    args = argparse.Namespace(tokens=None, save_tokens=path, data="/somewhere/pydocs.jsonl.gz")
-    decoding.tokens_or_build(args, lambda: {"prompts": _tokens(2, 8)})
-    again = argparse.Namespace(tokens=path, save_tokens=None, data=None)
-    arrays = decoding.tokens_or_build(again, lambda: 1 / 0)
-    assert list(arrays) == ["prompts"] and decoding.data_label(again) == "pydocs.jsonl.gz"
+    cfg = decoding.DecodeEvalConfig(save_tokens=path, data="/somewhere/pydocs.jsonl.gz")
+    _, label = decoding.tokens_or_build(cfg, lambda: {"prompts": _tokens(2, 8)})
+    assert label == "/somewhere/pydocs.jsonl.gz"
+    arrays, label = decoding.tokens_or_build(decoding.DecodeEvalConfig(tokens=path), lambda: 1 / 0)
+    assert list(arrays) == ["prompts"] and label == "pydocs.jsonl.gz"
 
 
 def test_method_modifiers_set_always_kept_rows():
-    args = argparse.Namespace(keep_ratio=0.02, min_keep=20, dense_layers=[0, 1], implementation=None, seed=0)
-    cfg = CFG
-    label, rcfg, stack = decoding.method_setup("oracle+sink4+recent16", cfg, args)
+    cfg, ecfg = CFG, decoding.DecodeEvalConfig()
+    label, rcfg, stack = decoding.method_setup("oracle+sink4+recent16", cfg, ecfg)
     assert (label, rcfg.method, rcfg.sink_tokens, rcfg.recent_window, stack) == (
         "oracle+sink4+recent16",
         "oracle",
@@ -96,23 +91,34 @@ def test_method_modifiers_set_always_kept_rows():
         16,
         None,
     )
-    label, rcfg, _ = decoding.method_setup("linear-256+sink2", cfg, args)
+    label, rcfg, _ = decoding.method_setup("linear-256+sink2", cfg, ecfg)
     assert (label, rcfg.bits, rcfg.sink_tokens, rcfg.recent_window) == ("linear-256+sink2", 256, 2, 0)
-    with pytest.raises(SystemExit, match="unknown method modifier"):
-        decoding.method_setup("oracle+sinks", cfg, args)
-    with pytest.raises(SystemExit, match="apply to sparse methods"):
-        decoding.method_setup("dense+sink4", cfg, args)
+    with pytest.raises(ValueError, match="unknown method modifier"):
+        decoding.method_setup("oracle+sinks", cfg, ecfg)
+    with pytest.raises(ValueError, match="apply to sparse methods"):
+        decoding.method_setup("dense+sink4", cfg, ecfg)
+    with pytest.raises(ValueError, match="needs hashes"):
+        decoding.method_setup("spotlight", cfg, ecfg)
+
+
+def test_config_is_checked_before_the_model_loads(tmp_path):
+    decoding.DecodeEvalConfig(methods=("dense", "oracle+keep5", "linear-64")).check()
+    for methods, match in ((("dense", "spotlight"), "needs hashes"), (("nope",), "unknown method")):
+        with pytest.raises(ValueError, match=match):
+            decoding.DecodeEvalConfig(methods=methods).check()
+    with pytest.raises(FileNotFoundError, match="hash checkpoint folder not found"):
+        decoding.DecodeEvalConfig(hashes=str(tmp_path / "none")).check()
 
 
 def test_keep_modifier_overrides_the_keep_ratio(tmp_path):
-    args = argparse.Namespace(keep_ratio=0.02, min_keep=20, dense_layers=[0, 1], implementation=None, seed=0)
-    label, rcfg, _ = decoding.method_setup("oracle+keep5+sink4", CFG, args)
+    ecfg = decoding.DecodeEvalConfig()
+    label, rcfg, _ = decoding.method_setup("oracle+keep5+sink4", CFG, ecfg)
     assert (label, rcfg.keep_ratio, rcfg.sink_tokens) == ("oracle+keep5+sink4", 0.05, 4)
-    assert decoding.method_setup("oracle", CFG, args)[1].keep_ratio == 0.02
-    assert decoding.method_setup("linear-256+keep2.5", CFG, args)[1].keep_ratio == 0.025
+    assert decoding.method_setup("oracle", CFG, ecfg)[1].keep_ratio == 0.02
+    assert decoding.method_setup("linear-256+keep2.5", CFG, ecfg)[1].keep_ratio == 0.025
     for bad in ("oracle+keep0", "oracle+keep150", "oracle+keepall"):
-        with pytest.raises(SystemExit, match="percentage"):
-            decoding.method_setup(bad, CFG, args)
+        with pytest.raises(ValueError, match="percentage"):
+            decoding.method_setup(bad, CFG, ecfg)
     assert perplexity.method_family("spotlight-128+keep5+sink4") == "spotlight-128+sink4"
     rows = [
         {"method": "dense", "keep_ratio": None, "ppl": 7.6},

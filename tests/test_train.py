@@ -100,8 +100,10 @@ def test_cli_parsing(tmp_path):
     with pytest.raises(SystemExit) as e:
         p.parse_args(["--help"])
     assert e.value.code == 0
-    cfg = config_from_args(p.parse_args(["--steps-per-layer", "7", "--layers", "2,3", "--residual", "false"]))
+    cfg = config_from_args(p.parse_args(["--steps-per-layer", "7", "--layers", "2", "3", "--no-residual"]))
     assert cfg.steps_per_layer == 7 and cfg.layers == (2, 3) and cfg.residual is False
+    cfg = config_from_args(p.parse_args(["--layers", "2,3", "--dataset", "x.jsonl", "--batch-size", "2"]))  # old forms
+    assert cfg.layers == (2, 3) and cfg.dataset == "x.jsonl" and cfg.batch_size == 2
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"_comment": "x", "bits": 64, "num_samples": 5}))
     cfg = config_from_args(p.parse_args(["--config", str(path), "--num-samples", "9"]))

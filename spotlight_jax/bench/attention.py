@@ -22,7 +22,7 @@ the T queries against the S - T prefix keys without a mask, and against the chun
 Timing: one jitted program runs ``--iters`` calls in a ``lax.fori_loop``; every call's inputs pass through an
 ``optimization_barrier`` with the previous call's output, so no call can be hoisted, merged or overlapped with the
 next, and the program returns the last output (nothing is dead). Per call = median wall time of ``--repeats`` runs /
-iters (dispatch is amortised). Results: ``experiments/results/<--name>.{json,md}`` (``--out-dir`` elsewhere).
+iters (dispatch is amortised). Results: ``<--out-dir>/<--name>.{json,md}`` (default: runs/bench/attention-<time>/).
 
 CPU smoke run (interpret mode, tiny shapes): ``--impls xla pallas --interpret --context 256 --chunk 64 --heads 4:2:32
 --gemm-size 128 --iters 1 --repeats 1``.
@@ -30,7 +30,7 @@ CPU smoke run (interpret mode, tiny shapes): ``--impls xla pallas --interpret --
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import math
 import time
@@ -40,50 +40,49 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from spotlight_jax.bench.common import median, time_jitted, write_results
+from spotlight_jax.bench.common import median, run_folder, time_jitted, write_results
+from spotlight_jax.cli import option, out_dir_field
 
 IMPLS = ("pallas", "cudnn", "xla")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 CUDNN_CHUNK_NOTE = "prefix (no mask) + chunk (is_causal) calls, LSE merge: jax's cuDNN API has no bottom-right mask"
 
 
-def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--context", type=int, nargs="+", default=[32768, 131072], help="S: keys in the cache")
-    p.add_argument("--chunk", type=int, nargs="+", default=[4096, 8192], help="T: queries of the last prefill chunk")
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--heads", default="28:4:128", help="N:K:H query heads, KV heads, head_dim (Qwen2.5-7B)")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    p.add_argument("--full", action="store_true", help="also the whole causal self-attention (T = S, offset 0)")
-    p.add_argument(
-        "--tilings",
-        nargs="*",
-        default=[],
-        metavar="BQ:BK:W:ST",
-        help="extra Pallas tilings block_q:block_k:num_warps:num_stages besides the default, e.g. 128:64:8:3 "
-        "(block_q / block_k are capped at next_pow2(T) / next_pow2(S))",
-    )
-    p.add_argument("--repeats", type=int, default=5, help="timed runs of each program (median reported)")
-    p.add_argument("--iters", type=int, default=0, help="calls per timed program (0: about 0.3 s of work per run)")
-    p.add_argument("--xla-block-k", type=int, default=512, help="key block of the XLA loop")
-    p.add_argument(
-        "--xla-max-gb", type=float, default=2.0, help="skip the XLA loop when one step's fp32 scores exceed this"
-    )
-    p.add_argument("--gemm-size", type=int, default=8192, help="n of the bf16 n x n x n GEMM rate row (0: none)")
-    p.add_argument("--interpret", action="store_true", help="Pallas kernel in interpret mode (CPU smoke runs)")
-    p.add_argument("--check", action="store_true", help="first compare ours vs cuDNN (and XLA) on a small shape")
-    p.add_argument("--check-context", type=int, default=2048, help="S of the --check shape (T = S / 4 and T = S)")
-    p.add_argument("--name", default="prefill_attention", help="results file stem")
-    p.add_argument("--out-dir", default=None, help="results folder (default experiments/results)")
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    context: tuple[int, ...] = option((32768, 131072), "S: keys in the cache")
+    chunk: tuple[int, ...] = option((4096, 8192), "T: queries of the last prefill chunk")
+    batch: tuple[int, ...] = option((1,), "batch sizes")
+    heads: str = option("28:4:128", "N:K:H query heads, KV heads, head_dim (Qwen2.5-7B)")
+    dtype: str = option("bfloat16", "dtype of q, k, v", choices=sorted(DTYPES))
+    impls: tuple[str, ...] = option(IMPLS, "implementations to time", choices=IMPLS)
+    full: bool = option(False, "also the whole causal self-attention (T = S, offset 0)")
+    tilings: tuple[str, ...] = option(
+        (), "extra Pallas tilings block_q:block_k:num_warps:num_stages besides the default, e.g. 128:64:8:3 "
+        "(block_q / block_k are capped at next_pow2(T) / next_pow2(S); default: none)", metavar="BQ:BK:W:ST",
+    )  # fmt: skip
+    repeats: int = option(5, "timed runs of each program (median reported)")
+    iters: int = option(0, "calls per timed program (0: about 0.3 s of work per run)")
+    xla_block_k: int = option(512, "key block of the XLA loop")
+    xla_max_gb: float = option(2.0, "skip the XLA loop when one step's fp32 scores exceed this")
+    gemm_size: int = option(8192, "n of the bf16 n x n x n GEMM rate row (0: none)")
+    interpret: bool = option(False, "Pallas kernel in interpret mode (CPU smoke runs)")
+    check: bool = option(False, "first compare ours vs cuDNN (and XLA) on a small shape")
+    check_context: int = option(2048, "S of the --check shape (T = S / 4 and T = S)")
+    name: str = option("prefill_attention", "stem of the result files")
+    out_dir: str | None = out_dir_field("bench")
+
+
+CONFIG = AttentionConfig
 
 
 def parse_heads(spec: str) -> tuple[int, int, int]:
     try:
         n, k, h = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise SystemExit(f"--heads must be N:K:H, got {spec!r}") from None
+        raise ValueError(f"heads must be N:K:H, got {spec!r}") from None
     if n % k:
-        raise SystemExit(f"--heads {spec}: N={n} is not a multiple of K={k}")
+        raise ValueError(f"heads {spec}: N={n} is not a multiple of K={k}")
     return n, k, h
 
 
@@ -91,7 +90,7 @@ def parse_tiling(spec: str) -> dict:
     try:
         bq, bk, w, st = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise SystemExit(f"--tilings entries are block_q:block_k:num_warps:num_stages, got {spec!r}") from None
+        raise ValueError(f"tilings are block_q:block_k:num_warps:num_stages, got {spec!r}") from None
     return dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
 
 
@@ -151,7 +150,7 @@ def _cudnn_calls(scale: float, t: int, s: int):
     return merged, make
 
 
-def _impl_calls(args, impl: str, scale: float, t: int, s: int, h: int, tilings: list[dict]):
+def _impl_calls(opts: AttentionConfig, impl: str, scale: float, t: int, s: int, h: int, tilings: list[dict]):
     """[(label, note, call, make_args)] of one implementation; make_args(q, k, v, offset, lengths) -> call's args."""
     from pallas_kernels import flash_attention
     from pallas_kernels.flash_attention import default_tiling
@@ -161,16 +160,16 @@ def _impl_calls(args, impl: str, scale: float, t: int, s: int, h: int, tilings: 
         out = []
         for kw in [{}, *tilings]:
             call = lambda q, k, v, off, ln, kw=kw: flash_attention(
-                q, k, v, off, ln, scale=scale, implementation="pallas", interpret=args.interpret, **kw
+                q, k, v, off, ln, scale=scale, implementation="pallas", interpret=opts.interpret, **kw
             )
-            bq, bk, w, st = tuple(kw.values()) or default_tiling(h, jnp.dtype(DTYPES[args.dtype]).itemsize)
+            bq, bk, w, st = tuple(kw.values()) or default_tiling(h, jnp.dtype(DTYPES[opts.dtype]).itemsize)
             out.append(("pallas", f"{bq}:{bk}:{w}:{st}" + ("" if kw else " (default)"), call, ours_args))
         return out
     if impl == "xla":
         call = lambda q, k, v, off, ln: flash_attention(
-            q, k, v, off, ln, scale=scale, implementation="xla", block_k=args.xla_block_k
+            q, k, v, off, ln, scale=scale, implementation="xla", block_k=opts.xla_block_k
         )
-        return [("xla", f"block_k={args.xla_block_k}", call, ours_args)]
+        return [("xla", f"block_k={opts.xla_block_k}", call, ours_args)]
     call, make = _cudnn_calls(scale, t, s)
     return [("cudnn", "" if t == s else CUDNN_CHUNK_NOTE, call, lambda q, k, v, off, ln: make(q, k, v))]
 
@@ -191,21 +190,21 @@ def _auto_iters(flops: float) -> int:
     return int(min(50, max(1, 0.3 * rate / flops)))
 
 
-def _skip_reason(impl: str, args, b: int, n: int, t: int, on_gpu: bool) -> str | None:
+def _skip_reason(impl: str, opts: AttentionConfig, b: int, n: int, t: int, on_gpu: bool) -> str | None:
     if impl == "cudnn" and not on_gpu:
         return "cudnn needs a GPU"
-    if impl == "pallas" and not on_gpu and not args.interpret:
+    if impl == "pallas" and not on_gpu and not opts.interpret:
         return "pallas needs a GPU or --interpret"
-    if impl == "xla" and b * n * t * args.xla_block_k * 4 > args.xla_max_gb * 1e9:
-        return f"xla: one step's scores exceed --xla-max-gb {args.xla_max_gb}"
+    if impl == "xla" and b * n * t * opts.xla_block_k * 4 > opts.xla_max_gb * 1e9:
+        return f"xla: one step's scores exceed --xla-max-gb {opts.xla_max_gb}"
     return None
 
 
-def run_check(args, n: int, kv: int, h: int, dtype, on_gpu: bool) -> list[dict]:
+def run_check(opts: AttentionConfig, n: int, kv: int, h: int, dtype, on_gpu: bool) -> list[dict]:
     """Ours vs cuDNN vs XLA vs the fp32 reference on a small shape, for a last chunk (T = S / 4) and T = S."""
     from pallas_kernels import flash_attention, flash_attention_reference
 
-    s = args.check_context
+    s = opts.check_context
     scale = 1.0 / math.sqrt(h)
     keys = jax.random.split(jax.random.key(1), 3)
     k, v = (_rand(kk, (1, kv, s, h), dtype) for kk in keys[:2])
@@ -216,9 +215,9 @@ def run_check(args, n: int, kv: int, h: int, dtype, on_gpu: bool) -> list[dict]:
         off = jnp.int32(s - t)
         ref = np.asarray(flash_attention_reference(q, k, v, off, lengths, scale=scale))
         got = {}
-        if on_gpu or args.interpret:
+        if on_gpu or opts.interpret:
             got["pallas"] = flash_attention(
-                q, k, v, off, lengths, scale=scale, implementation="pallas", interpret=args.interpret
+                q, k, v, off, lengths, scale=scale, implementation="pallas", interpret=opts.interpret
             )
         got["xla"] = flash_attention(q, k, v, off, lengths, scale=scale, implementation="xla")
         if on_gpu:
@@ -235,55 +234,55 @@ def run_check(args, n: int, kv: int, h: int, dtype, on_gpu: bool) -> list[dict]:
     return out
 
 
-def run(args) -> list[dict]:
-    n, kv, h = parse_heads(args.heads)
-    dtype = DTYPES[args.dtype]
-    tilings = [parse_tiling(x) for x in args.tilings]
+def run(opts: AttentionConfig) -> list[dict]:
+    n, kv, h = parse_heads(opts.heads)
+    dtype = DTYPES[opts.dtype]
+    tilings = [parse_tiling(x) for x in opts.tilings]
     on_gpu = jax.default_backend() == "gpu"
     scale = 1.0 / math.sqrt(h)
     meta = dict(
         heads=dict(N=n, K=kv, H=h),
-        dtype=args.dtype,
+        dtype=opts.dtype,
         flops="4 * B * N * H * visible query-key pairs (causal)",
         timing="median wall time of --repeats runs of one jitted fori_loop of --iters chained calls, per call",
         cudnn_chunk=CUDNN_CHUNK_NOTE,
-        interpret=args.interpret,
+        interpret=opts.interpret,
     )
-    if args.check:
-        meta["check"] = run_check(args, n, kv, h, dtype, on_gpu)
+    if opts.check:
+        meta["check"] = run_check(opts, n, kv, h, dtype, on_gpu)
     rows: list[dict] = []
-    if args.gemm_size:
-        rows.append(gemm_row(args.gemm_size, args.repeats, args.iters))
-        print(f"  gemm {args.gemm_size}: {rows[-1]['ms']:.3f} ms {rows[-1]['tflops']} TFLOP/s", flush=True)
+    if opts.gemm_size:
+        rows.append(gemm_row(opts.gemm_size, opts.repeats, opts.iters))
+        print(f"  gemm {opts.gemm_size}: {rows[-1]['ms']:.3f} ms {rows[-1]['tflops']} TFLOP/s", flush=True)
     key = jax.random.key(0)
-    for b in args.batch:
-        for s in args.context:
+    for b in opts.batch:
+        for s in opts.context:
             kk, kv_key, kq = jax.random.split(jax.random.fold_in(key, s * 8 + b), 3)
             k = _rand(kk, (b, kv, s, h), dtype)
             v = _rand(kv_key, (b, kv, s, h), dtype)
             lengths = jnp.full((b,), s, jnp.int32)
-            cases = [("chunk", t) for t in args.chunk if t < s] + ([("full", s)] if args.full else [])
-            skipped = [t for t in args.chunk if t >= s]
+            cases = [("chunk", t) for t in opts.chunk if t < s] + ([("full", s)] if opts.full else [])
+            skipped = [t for t in opts.chunk if t >= s]
             if skipped:
                 print(f"  chunks {skipped} >= context {s}: skipped (use --full for T = S)")
             for case, t in cases:
                 q = _rand(jax.random.fold_in(kq, t), (b, n, t, h), dtype)
                 off = jnp.int32(s - t)
                 flops = attention_flops(b, n, h, t, s)
-                iters = args.iters or _auto_iters(flops)
+                iters = opts.iters or _auto_iters(flops)
                 print(f"== {case} B={b} S={s} T={t} offset={s - t} ({flops / 1e12:.2f} TFLOP per call)", flush=True)
                 config = dict(case=case, batch=b, context=s, chunk=t, offset=s - t)
                 found = []
-                for impl in args.impls:
-                    reason = _skip_reason(impl, args, b, n, t, on_gpu)
+                for impl in opts.impls:
+                    reason = _skip_reason(impl, opts, b, n, t, on_gpu)
                     if reason:
                         print(f"  {reason}: skipped")
                         continue
-                    for label, note, call, make in _impl_calls(args, impl, scale, t, s, h, tilings):
+                    for label, note, call, make in _impl_calls(opts, impl, scale, t, s, h, tilings):
                         row = dict(config, impl=label, note=note)
                         try:
                             t0 = time.perf_counter()
-                            sec = per_call_seconds(call, make(q, k, v, off, lengths), iters, args.repeats)
+                            sec = per_call_seconds(call, make(q, k, v, off, lengths), iters, opts.repeats)
                             row.update(ms=round(sec * 1e3, 4), tflops=round(flops / sec / 1e12, 2))
                             print(f"  {label:7s} {note[:40]:40s} {sec * 1e3:9.3f} ms {row['tflops']:7.1f} TFLOP/s"
                                   f"  ({time.perf_counter() - t0:.1f} s incl. compile)", flush=True)  # fmt: skip
@@ -297,7 +296,7 @@ def run(args) -> list[dict]:
                         r["x_cudnn_time"] = round(r["ms"] / cudnn["ms"], 3)
                 rows.extend(found)
             del k, v
-    print(write_results(args.name, rows, meta, out_dir=args.out_dir))
+    print(write_results(opts.name, rows, meta, run_folder("bench", "attention", opts.out_dir)))
     if any(r.get("impl") == "cudnn" and r["case"] == "chunk" for r in rows):
         print(f"\ncudnn chunk rows: {CUDNN_CHUNK_NOTE}")
     return rows

@@ -16,7 +16,15 @@ import numpy as np
 # Measured device-to-device copy ceilings (read + write): H100 3.0 TB/s (GPU.md), H200 4.3 TB/s (device KINDS.md).
 # SPOTLIGHT_PEAK_TBS overrides; other devices fall back to the H100 figure.
 HBM_BYTES_PER_S = {"H100": 3.0e12, "H200": 4.3e12}
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "results"
+
+
+def run_folder(tool: str, command: str, out_dir: str | os.PathLike | None = None) -> Path:
+    """`out_dir` if given, else a new `runs/<tool>/<command>-<UTC time>/` below the working folder: a run never
+    lands over the committed `experiments/results/` unless that folder is asked for."""
+    if out_dir:
+        return Path(out_dir)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / tool / f"{command}-{stamp}"
 
 
 def provenance() -> dict:
@@ -143,8 +151,9 @@ def median(xs) -> float:
 
 
 def write_results(name: str, rows: list[dict], meta: dict | None = None, out_dir: str | os.PathLike | None = None):
-    """Write `{name}.json` (rows + provenance) and `{name}.md` (a table) and return the markdown."""
-    out = Path(out_dir) if out_dir else RESULTS_DIR
+    """Write `{name}.json` (rows + provenance) and `{name}.md` (a table) into `out_dir` (default: a new run folder,
+    `run_folder`) and return the markdown."""
+    out = run_folder("bench", name, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prov = provenance()
     payload = {"benchmark": name, **prov, **(meta or {}), "rows": rows}
@@ -152,7 +161,7 @@ def write_results(name: str, rows: list[dict], meta: dict | None = None, out_dir
     md = markdown_table(rows)
     header = f"{name}: {prov['device']} ({prov['backend']}), jax {prov['jax']}, {prov['date']}\n\n"
     (out / f"{name}.md").write_text(header + md + "\n")
-    return header + md
+    return header + md + f"\n\nwrote {out / name}.json and .md"
 
 
 def markdown_table(rows: list[dict]) -> str:

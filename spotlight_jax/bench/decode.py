@@ -7,7 +7,7 @@ Roofline = (weights read + KV cache read) / the device's copy bandwidth (3.0 TB/
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import time
 
@@ -15,18 +15,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spotlight_jax.bench.common import median, profile_kernels, roofline_us, time_jitted, write_results
+from spotlight_jax.bench.common import median, profile_kernels, roofline_us, run_folder, time_jitted, write_results
+from spotlight_jax.cli import option, out_dir_field, preset_field
 from spotlight_jax.config import ModelConfig, RetrievalConfig
 from spotlight_jax.model import CausalLM, KVCache, init_cache
 
 
-def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="qwen2.5-7b", help="shape preset: qwen2.5-7b | llama3-8b | smollm2-135m")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--context", type=int, nargs="+", default=[4096, 32768], help="live tokens in the cache")
-    p.add_argument("--steps", type=int, default=32, help="decode steps per timed program")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--name", default="decode_dense", help="results file stem in experiments/results/")
+@dataclasses.dataclass(frozen=True)
+class DecodeBenchConfig:
+    model: str = preset_field("qwen2.5-7b")
+    batch: tuple[int, ...] = option((1, 8), "batch sizes")
+    context: tuple[int, ...] = option((4096, 32768), "live tokens in the cache")
+    steps: int = option(32, "decode steps per timed program")
+    repeats: int = option(5, "timed runs of each program (median reported)")
+    name: str = option("decode_dense", "stem of the result files")
+    out_dir: str | None = out_dir_field("bench")
+
+    def __post_init__(self):  # before the (minutes of) random weights
+        if min(self.batch, default=0) < 1 or min(self.context, default=0) < 1 or min(self.steps, self.repeats) < 1:
+            raise ValueError(
+                f"batch, context, steps and repeats must be >= 1, got batch {self.batch}, context {self.context}, "
+                f"steps {self.steps}, repeats {self.repeats}"
+            )
+
+
+CONFIG = DecodeBenchConfig
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
@@ -145,25 +158,28 @@ def time_decode_steps(
     return {"step_s": median(times) / steps, "cache_bytes": cache_bytes, "temp_bytes": temp, "profile": prof}
 
 
-def run(args):
-    cfg = ModelConfig.preset(args.model)
+def run(opts: DecodeBenchConfig) -> list[dict]:
+    cfg = ModelConfig.preset(opts.model)
     t0 = time.perf_counter()
     model = random_model(cfg)
     jax.block_until_ready(nnx.state(model))
-    print(f"random {args.model} weights ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"random {opts.model} weights ready in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
-    for batch in args.batch:
+    for batch in opts.batch:
         wbytes = weight_bytes_per_step(model, batch)
-        for ctx in args.context:
+        for ctx in opts.context:
             kv_read = 2 * cfg.num_layers * batch * cfg.num_kv_heads * ctx * cfg.head_dim * 2  # bf16 K and V
             roof = roofline_us(wbytes + kv_read)
-            res = time_decode_steps(model, cfg, batch, ctx, args.steps, args.repeats)
+            res = time_decode_steps(model, cfg, batch, ctx, opts.steps, opts.repeats)
             step_us = res["step_s"] * 1e6
             rows.append({
-                "model": args.model, "batch": batch, "context": ctx, "step_us": round(step_us, 1),
+                "model": opts.model, "batch": batch, "context": ctx, "step_us": round(step_us, 1),
                 "roofline_us": round(roof, 1), "x_roofline": round(step_us / roof, 3),
                 "weights_GB": round(wbytes / 1e9, 2), "kv_read_GB": round(kv_read / 1e9, 2),
                 "tokens_per_s": round(batch / res["step_s"], 1), "xla_temp_GB": round(res["temp_bytes"] / 1e9, 2),
             })  # fmt: skip
             print(rows[-1], flush=True)
-    print(write_results(args.name, rows, {"steps_per_program": args.steps}))
+    print(
+        write_results(opts.name, rows, {"steps_per_program": opts.steps}, run_folder("bench", "decode", opts.out_dir))
+    )
+    return rows

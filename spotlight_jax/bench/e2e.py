@@ -17,7 +17,7 @@ measured in the same run (`gemm` row) to read it against.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,27 +26,31 @@ import time
 
 import numpy as np
 
+from spotlight_jax.cli import option, out_dir_field, preset_field
+
 ROW_PREFIX = "E2E_ROW "
 
 
-def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="qwen2.5-7b", help="shape preset: qwen2.5-7b | llama3-8b | smollm2-135m")
-    p.add_argument("--context", type=int, nargs="+", default=[32768, 131072],
-                   help="cache length; the prompt is context - new tokens")  # fmt: skip
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
-    p.add_argument("--batch", type=int, nargs="*", default=None, help="default: 1 and the largest batch dense fits")
-    p.add_argument("--methods", nargs="+", default=["dense", "spotlight"], help="dense, spotlight (+sink<N> ...)")
-    p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the library's)")
-    p.add_argument("--prefill-attention", default=None, choices=["pallas", "cudnn", "xla"],
-                   help="chunk attention kernel (default: the library's)")  # fmt: skip
-    p.add_argument("--keep-ratio", type=float, default=0.02)
-    p.add_argument("--bits", type=int, default=128)
-    p.add_argument("--memory-fraction", type=float, default=0.85, help="share of memory weights + caches may use")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="one process per configuration (default: on a GPU)")  # fmt: skip
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one configuration (JSON)
-    p.add_argument("--name", default="e2e_generate", help="results file stem")
-    p.add_argument("--out-dir", default=None, help="results folder (default: experiments/results)")
+@dataclasses.dataclass(frozen=True)
+class E2EConfig:
+    model: str = preset_field("qwen2.5-7b")
+    context: tuple[int, ...] = option((32768, 131072), "cache length; the prompt is context - new tokens")
+    new_tokens: int = option(64, "tokens generated per row")
+    batch: tuple[int, ...] | None = option(None, "batch sizes (default: 1 and the largest batch dense fits)", type=int,
+                                           nargs="+")  # fmt: skip
+    methods: tuple[str, ...] = option(("dense", "spotlight"), "dense, spotlight (+sink<N> ...)")
+    chunk: int | None = option(None, "prefill chunk (default: the library's)", type=int)
+    prefill_attention: str | None = option(None, "chunk attention kernel (default: the library's)",
+                                           choices=("pallas", "cudnn", "xla"))  # fmt: skip
+    keep_ratio: float = option(0.02, "share of the cached rows a sparse step reads")
+    bits: int = option(128, "code bits of the random hash stack")
+    memory_fraction: float = option(0.85, "share of memory weights + caches may use")
+    isolate: bool | None = option(None, "one process per configuration (default: on a GPU)", boolean=True)
+    name: str = option("e2e_generate", "stem of the result files")
+    out_dir: str | None = out_dir_field("bench")
+
+
+CONFIG = E2EConfig
 
 
 def prefill_flops(cfg, prompt: int, batch: int, non_embedding_params: int) -> float:
@@ -141,8 +145,14 @@ def _largest_batch(model_name: str, context: int, fraction: float) -> int:
     return int(next(line.split()[1] for line in out.splitlines() if line.startswith("BATCH")))
 
 
+def child(spec_json: str) -> None:
+    """A child process's whole work: one configuration, its row on stdout after `ROW_PREFIX`."""
+    print(ROW_PREFIX + json.dumps(run_one(json.loads(spec_json))), flush=True)
+
+
 def _spawn(spec: dict) -> dict | None:
-    cmd = [sys.executable, "-m", "spotlight_jax.bench", "e2e", "--one", json.dumps(spec)]
+    code = "import sys; from spotlight_jax.bench.e2e import child; child(sys.argv[1])"
+    cmd = [sys.executable, "-c", code, json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     rows = [json.loads(line[len(ROW_PREFIX) :]) for line in proc.stdout.splitlines() if line.startswith(ROW_PREFIX)]
     if proc.returncode or not rows:
@@ -152,28 +162,29 @@ def _spawn(spec: dict) -> dict | None:
     return rows[0]
 
 
-def run(args):
-    if args.one is not None:  # a child: one configuration, one row on stdout
-        print(ROW_PREFIX + json.dumps(run_one(json.loads(args.one))), flush=True)
-        return
+def run(opts: E2EConfig) -> list[dict]:
     import jax
 
-    from spotlight_jax.bench.common import write_results
+    from spotlight_jax.bench.common import run_folder, write_results
+    from spotlight_jax.cli import method_fields
 
-    isolate = args.isolate if args.isolate is not None else jax.default_backend() != "cpu"
+    for method in opts.methods:  # a bad spec fails here, not in every child process
+        method_fields(method)
+
+    isolate = opts.isolate if opts.isolate is not None else jax.default_backend() != "cpu"
     execute = _spawn if isolate else run_one
-    base = dict(model=args.model, new_tokens=args.new_tokens, keep_ratio=args.keep_ratio, bits=args.bits,
-                chunk=args.chunk, prefill_attention=args.prefill_attention)  # fmt: skip
+    base = dict(model=opts.model, new_tokens=opts.new_tokens, keep_ratio=opts.keep_ratio, bits=opts.bits,
+                chunk=opts.chunk, prefill_attention=opts.prefill_attention)  # fmt: skip
     rows = []
     gemm = execute({**base, "method": "gemm"}) if jax.default_backend() != "cpu" else None
     if gemm:
         rows.append(gemm)
         print(gemm, flush=True)
-    for ctx in args.context:
-        batches = args.batch or sorted({1, _largest_batch(args.model, ctx, args.memory_fraction)})
+    for ctx in opts.context:
+        batches = opts.batch or sorted({1, _largest_batch(opts.model, ctx, opts.memory_fraction)})
         print(f"context {ctx}: batches {batches}", flush=True)
         for batch in batches:
-            for method in args.methods:
+            for method in opts.methods:
                 row = execute({**base, "context": ctx, "batch": batch, "method": method})
                 if row is None:
                     continue
@@ -185,5 +196,6 @@ def run(args):
                               and r["method"] == "dense"), None)  # fmt: skip
                 if dense is not None and method != "dense":
                     row["decode_speedup_vs_dense"] = round(row["decode_tok_s"] / dense["decode_tok_s"], 2)
-    meta = {"model": args.model, "new_tokens": args.new_tokens, "isolated_processes": isolate}
-    print(write_results(args.name, rows, meta, out_dir=args.out_dir))
+    meta = {"model": opts.model, "new_tokens": opts.new_tokens, "isolated_processes": isolate}
+    print(write_results(opts.name, rows, meta, run_folder("bench", "e2e", opts.out_dir)))
+    return rows

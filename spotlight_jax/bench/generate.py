@@ -8,37 +8,38 @@ codes + the selected K/V rows (k = 2 % of the context).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 
 import jax
 from flax import nnx
 
-from spotlight_jax.bench.common import kernel_categories, roofline_us, write_results
+from spotlight_jax.bench.common import kernel_categories, roofline_us, run_folder, write_results
 from spotlight_jax.bench.decode import random_model, time_decode_steps, weight_bytes_per_step
-from spotlight_jax.cli import method_fields
+from spotlight_jax.cli import method_fields, option, out_dir_field, preset_field
 from spotlight_jax.config import ModelConfig, RetrievalConfig, split_method
 from spotlight_jax.hashing import HashConfig, HashStack
 
 
-def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="qwen2.5-7b", help="shape preset: qwen2.5-7b | llama3-8b | smollm2-135m")
-    p.add_argument("--context", type=int, nargs="+", default=[32768, 131072])
-    p.add_argument("--batch", type=int, nargs="*", default=None, help="default: 1 and the largest batch dense fits")
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        default=["dense", "spotlight"],
-        help="dense, spotlight, linear (+sink<N>, +recent<N>)",
-    )
-    p.add_argument("--bits", type=int, default=128)
-    p.add_argument("--keep-ratio", type=float, default=0.02)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--memory-fraction", type=float, default=0.85, help="share of the memory limit weights + caches use")
-    p.add_argument("--name", default="generate_speed")
-    p.add_argument("--profile", action="store_true", help="also print per-kernel device time per step (profiler)")
-    p.add_argument("--profile-top", type=int, default=16, help="kernels listed per profile")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallelism over this many GPUs (heads split)")
+@dataclasses.dataclass(frozen=True)
+class GenerateBenchConfig:
+    model: str = preset_field("qwen2.5-7b")
+    context: tuple[int, ...] = option((32768, 131072), "live tokens in the cache")
+    batch: tuple[int, ...] | None = option(None, "batch sizes (default: 1 and the largest batch dense fits)", type=int,
+                                           nargs="+")  # fmt: skip
+    methods: tuple[str, ...] = option(("dense", "spotlight"), "dense, spotlight, linear (+sink<N>, +recent<N>, ...)")
+    bits: int = option(128, "code bits of the random hash stack")
+    keep_ratio: float = option(0.02, "share of the cached rows a sparse step reads")
+    steps: int = option(16, "decode steps per timed program")
+    repeats: int = option(5, "timed runs of each program (median reported)")
+    memory_fraction: float = option(0.85, "share of the memory limit weights + caches use")
+    name: str = option("generate_speed", "stem of the result files")
+    profile: bool = option(False, "also print per-kernel device time per step (profiler)")
+    profile_top: int = option(16, "kernels listed per profile")
+    tp: int = option(1, "tensor parallelism over this many GPUs (heads split)")
+    out_dir: str | None = out_dir_field("bench")
+
+
+CONFIG = GenerateBenchConfig
 
 
 def kv_bytes_per_token(cfg: ModelConfig, layers: int | None = None) -> int:
@@ -51,7 +52,7 @@ def largest_dense_batch(cfg: ModelConfig, context: int, weight_bytes: int, fract
     `weight_bytes`: what one device holds; with `tp` devices each holds 1 / tp of every sequence's caches."""
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
-        raise SystemExit("this allocator reports no memory limit: pass --batch explicitly")
+        raise ValueError("this allocator reports no memory limit: give the batch sizes explicitly (--batch)")
     total = stats["bytes_limit"]
     per_seq = context * (kv_bytes_per_token(cfg) + cfg.num_layers * cfg.num_kv_heads * 16) / tp
     return max(1, int((fraction * total - weight_bytes) // per_seq))
@@ -87,38 +88,40 @@ def add_speedups(rows: list[dict]) -> None:
                 r["vs"] = best[r["batch"]]["method"]
 
 
-def run(args):
-    cfg = ModelConfig.preset(args.model)
+def run(opts: GenerateBenchConfig) -> list[dict]:
+    fields = {m: method_fields(m) for m in opts.methods}  # a bad spec fails before the weights are made
+    cfg = ModelConfig.preset(opts.model)
     model = random_model(cfg)
-    hashes = HashStack(cfg, HashConfig(kind="spotlight", bits=args.bits), rngs=nnx.Rngs(0))
+    hashes = HashStack(cfg, HashConfig(kind="spotlight", bits=opts.bits), rngs=nnx.Rngs(0))
     mesh = None
-    if args.tp > 1:
+    if opts.tp > 1:
         from spotlight_jax import parallel
 
-        mesh = parallel.tp_mesh(args.tp)
+        mesh = parallel.tp_mesh(opts.tp)
         model, hashes = parallel.shard_model(model, mesh), parallel.shard_hashes(hashes, mesh)
     per_dev = mesh is not None
     rows = []
-    for ctx in args.context:
+    for ctx in opts.context:
         wbytes = weight_bytes_per_step(model, 1, per_device=per_dev)
-        fits = largest_dense_batch(cfg, ctx + args.steps, wbytes, args.memory_fraction, args.tp)
-        batches = args.batch or sorted({1, fits})
+        # Only without explicit batches: an allocator that reports no memory limit can still run given ones.
+        batches = opts.batch or sorted({1, largest_dense_batch(cfg, ctx + opts.steps, wbytes, opts.memory_fraction,
+                                                               opts.tp)})  # fmt: skip
         print(f"context {ctx}: batches {batches}", flush=True)
         for batch in batches:
-            for method in args.methods:
-                rcfg = RetrievalConfig(**{"keep_ratio": args.keep_ratio, "bits": args.bits, "mesh": mesh,
-                                          **method_fields(method)})  # fmt: skip
+            for method in opts.methods:
+                rcfg = RetrievalConfig(**{"keep_ratio": opts.keep_ratio, "bits": opts.bits, "mesh": mesh,
+                                          **fields[method]})  # fmt: skip
                 try:
                     res = time_decode_steps(
-                        model, cfg, batch, ctx, args.steps, args.repeats, rcfg,
-                        hashes if rcfg.method in ("spotlight", "linear") else None, profile=args.profile,
-                        top=args.profile_top,
+                        model, cfg, batch, ctx, opts.steps, opts.repeats, rcfg,
+                        hashes if rcfg.method in ("spotlight", "linear") else None, profile=opts.profile,
+                        top=opts.profile_top,
                     )  # fmt: skip
                 except Exception as e:  # noqa: BLE001 - an OOM at one size must not lose the other rows
                     print(f"{method} batch {batch} context {ctx}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
                 wb = weight_bytes_per_step(model, batch, per_device=per_dev)
-                nbytes, parts = step_roofline_bytes(cfg, rcfg.method, batch, ctx, wb, rcfg, args.tp)
+                nbytes, parts = step_roofline_bytes(cfg, rcfg.method, batch, ctx, wb, rcfg, opts.tp)
                 step_ms = res["step_s"] * 1e3
                 rows.append({
                     "method": method, "context": ctx, "batch": batch, "step_ms": round(step_ms, 3),
@@ -131,10 +134,11 @@ def run(args):
                     "xla_temp_GB": round(res["temp_bytes"] / 1e9, 2),
                 })  # fmt: skip
                 if res.get("profile"):  # kernel time without the gaps between kernels, per GPU and category
-                    rows[-1]["device_ms"] = round(res["profile"][0] / 1e3 / args.tp, 3)
+                    rows[-1]["device_ms"] = round(res["profile"][0] / 1e3 / opts.tp, 3)
                     for cat, us in kernel_categories(res["profile"][1]).items():
-                        rows[-1][f"{cat}_ms"] = round(us / 1e3 / args.tp, 3)
+                        rows[-1][f"{cat}_ms"] = round(us / 1e3 / opts.tp, 3)
                 print(rows[-1], flush=True)
             add_speedups([r for r in rows if r["context"] == ctx])
-    meta = {"steps_per_program": args.steps, "model": args.model, "tp": args.tp}
-    print(write_results(args.name, rows, meta))
+    meta = {"steps_per_program": opts.steps, "model": opts.model, "tp": opts.tp}
+    print(write_results(opts.name, rows, meta, run_folder("bench", "generate", opts.out_dir)))
+    return rows

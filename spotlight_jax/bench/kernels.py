@@ -10,13 +10,14 @@ among enough copies that their total exceeds the 50 MB L2), and reports the medi
   ``pallas.ops.gpu.decode_attention.gqa``) at the ``--dense-lengths``.
 
 Achieved bandwidth counts the minimal bytes (codes read once + indices written; selected K/V rows
-read once) against ``--peak-tbs`` (3.0 TB/s measured on the H100, device-to-device copy).
+read once) against ``--peak-tbs`` (3.0 TB/s measured on the H100, device-to-device copy). Results:
+``<--out-dir>/<--name>.json`` and its table (``.md``); default a new runs/bench/kernels-<time>/kernels_<device>.json.
 """
 
 # ruff: noqa: B023 - the timed lambdas are called inside the loop iteration that defines them
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -29,57 +30,61 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spotlight_jax.bench.common import profile_kernels
+from spotlight_jax.bench.common import profile_kernels, run_folder
+from spotlight_jax.cli import option, out_dir_field, preset_field, preset_name
 
-MODELS = {  # name: (query heads N, KV heads K, head_dim H)
+MODELS = {  # name (as ModelConfig.preset's, plus a tensor-parallel slice): (query heads N, KV heads K, head_dim H)
     "qwen2.5-7b": (28, 4, 128),
-    "llama-3-8b": (32, 8, 128),
+    "llama3-8b": (32, 8, 128),
     "qwen2.5-7b-tp2": (14, 2, 128),  # one GPU's heads under 2-way tensor parallelism
 }
 L2_BYTES = 50 * 2**20
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--lengths", default="32768,131072,524288,1048576")
-    parser.add_argument("--dense-lengths", default="131072", help="lengths where dense baselines run")
-    parser.add_argument("--bits", type=int, default=128)
-    parser.add_argument("--keep-ratio", type=float, default=0.02)
-    parser.add_argument("--ops", default="topk,attention,spotlight", help="any of topk,attention,spotlight,prologue")
-    parser.add_argument("--reps", type=int, default=9, help="timed repetitions (median reported)")
-    parser.add_argument("--no-xla", action="store_true", help="skip the XLA references")
-    parser.add_argument("--xla-max-length", type=int, default=1 << 20)
-    parser.add_argument("--max-kv-gb", type=float, default=20.0, help="skip attention above this KV size")
-    parser.add_argument("--peak-tbs", type=float, default=3.0)
-    parser.add_argument(
-        "--topk-variants",
-        default="",
-        help="extra hamming_topk settings, ';'-separated: 'block_s:T[:num_warps[:csa]]' (csa 1 | 0 | f<N>) or keyed "
+@dataclasses.dataclass(frozen=True)
+class KernelsConfig:
+    model: tuple[str, ...] = preset_field(
+        tuple(MODELS), tuple(MODELS), "one or several", nargs="+", aliases=("models",)
+    )
+    batch: tuple[int, ...] = option((1, 8), "batch sizes", aliases=("batches",))
+    context: tuple[int, ...] = option((32768, 131072, 524288, 1048576), "cache lengths", aliases=("lengths",))
+    dense_context: tuple[int, ...] = option((131072,), "cache lengths where the dense baselines run",
+                                            aliases=("dense-lengths",))  # fmt: skip
+    bits: int = option(128, "code bits")
+    keep_ratio: float = option(0.02, "share of the cache selected")
+    ops: tuple[str, ...] = option(("topk", "attention", "spotlight"), "what to time",
+                                  choices=("topk", "attention", "spotlight", "prologue"))  # fmt: skip
+    repeats: int = option(9, "timed repetitions (median reported)", aliases=("reps",))
+    xla: bool = option(True, "also time the XLA references")
+    xla_max_length: int = option(1 << 20, "longest cache the XLA references run at")
+    max_kv_gb: float = option(20.0, "skip attention above this KV size")
+    peak_tbs: float = option(3.0, "bandwidth (TB/s) the achieved rates are read against")
+    topk_variants: tuple[str, ...] = option(
+        (), "extra hamming_topk settings, each 'block_s:T[:num_warps[:csa]]' (csa 1 | 0 | f<N>) or keyed "
         "'bs=1024,T=32,w=8,mb=128,d1=2,d=2,one=1' (mb max_blocks, P target_programs, d1 / d pass-1 / later-pass "
-        "depth, one=1: all passes in one launch)",
+        "depth, one=1: all passes in one launch); the old ';'-separated form works too (default: none)", sep=";",
+    )  # fmt: skip
+    attention_combines: tuple[str, ...] = option(("kernel",), "split-k merges to compare",
+                                                 choices=("atomic", "kernel", "xla"))  # fmt: skip
+    attention_chunks: tuple[int, ...] = option(
+        (0,), "selected slots per attention program to compare, e.g. 0 64 128 (0: the kernel's default_chunk)"
     )
-    parser.add_argument("--attention-combines", default="kernel", help="split-k merges to compare: atomic,kernel,xla")
-    parser.add_argument(
-        "--attention-chunks",
-        default="0",
-        help="selected slots per attention program to compare, e.g. '0,64,128' (0 = the default, default_chunk)",
-    )
-    parser.add_argument(
-        "--attention-variants",
-        default="",
-        help="extra sparse_decode_attention_rows settings, ';'-separated, keyed 'bt=64,w=8,st=3,hb=32' (bt block_t: "
-        "slots per step, w num_warps, st num_stages, hb merge_block_h: head_dim columns per merge program)",
-    )
-    parser.add_argument(
-        "--profile",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also report device time per call (profiler): at batch 1 the wall time per call is bound by the host's "
+    attention_variants: tuple[str, ...] = option(
+        (), "extra sparse_decode_attention_rows settings, each keyed 'bt=64,w=8,st=3,hb=32' (bt block_t: slots per "
+        "step, w num_warps, st num_stages, hb merge_block_h: head_dim columns per merge program); the old "
+        "';'-separated form works too (default: none)", sep=";",
+    )  # fmt: skip
+    profile: bool = option(
+        True, "also report device time per call (profiler): at batch 1 the wall time per call is bound by the host's "
         "launch rate (~9-10 us above the kernels), the device time is what a decode step pays",
-    )
-    parser.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of earlier runs' JSON files")
-    parser.add_argument("--out", default=None, help="JSON path (default experiments/results/kernels_<device>.json)")
+    )  # fmt: skip
+    table: tuple[str, ...] | None = option(None, "only print the table of earlier runs' JSON files (default: off)",
+                                           nargs="+", metavar="JSON", sep=None)  # fmt: skip
+    name: str | None = option(None, "stem of the result files (default: kernels_<device>)")
+    out_dir: str | None = out_dir_field("bench")
+
+
+CONFIG = KernelsConfig
 
 
 PROFILE = False
@@ -108,7 +113,7 @@ def _attention_variant(spec: str) -> dict:
     for item in spec.split(","):
         key, _, val = item.partition("=")
         if key not in ATTENTION_KEYS or not val.isdigit():
-            raise SystemExit(f"bad attention variant item {item!r} in {spec!r}; keys: {', '.join(ATTENTION_KEYS)}")
+            raise ValueError(f"bad attention variant item {item!r} in {spec!r}; keys: {', '.join(ATTENTION_KEYS)}")
         kw[ATTENTION_KEYS[key]] = int(val)
     return kw
 
@@ -122,7 +127,7 @@ def _topk_variant(spec: str) -> dict:
         for item in spec.split(","):
             key, val = item.split("=")
             if key not in TOPK_KEYS:
-                raise SystemExit(f"unknown top-k variant key {key!r} in {spec!r}; known: {', '.join(TOPK_KEYS)}")
+                raise ValueError(f"unknown top-k variant key {key!r} in {spec!r}; known: {', '.join(TOPK_KEYS)}")
             kw[TOPK_KEYS[key]] = bool(int(val)) if key in ("csa", "one") else int(val)
         return kw
     bs, t, *rest = spec.split(":")
@@ -287,7 +292,7 @@ def _save(path: str, meta: dict, results: list[dict]) -> None:
         f.write(markdown_table(meta, results))
 
 
-def _bench_prologue(results, cache, qs, key, cfg, args):
+def _bench_prologue(results, cache, qs, key, cfg, opts: KernelsConfig):
     """The decode step's prologue of one sparse layer (RoPE, hash MLP, packing, K / V / code writes at a position):
     the fused Pallas kernel vs the unfused XLA ops (its reference), caches chained through the calls in place."""
     from pallas_kernels import decode_prologue
@@ -296,9 +301,9 @@ def _bench_prologue(results, cache, qs, key, cfg, args):
 
     b, n, h = qs[0].shape
     kv, s = cache[0].shape[1:3]
-    w, calls = args.bits // 32, len(qs)
+    w, calls = opts.bits // 32, len(qs)
     ks = jax.random.split(key, 6)
-    dims = (h, 128, args.bits)
+    dims = (h, 128, opts.bits)
     shapes = [(kv, a, c) for a, c in zip(dims[:-1], dims[1:], strict=True)]
     weights = tuple(jax.random.normal(jax.random.fold_in(ks[0], i), x) * x[1] ** -0.5 for i, x in enumerate(shapes))
     mlp = HashMLP(weights, tuple(jnp.zeros((kv, x[2])) for x in shapes))
@@ -311,32 +316,37 @@ def _bench_prologue(results, cache, qs, key, cfg, args):
                      jax.random.normal(vk, (b, kv, h), jnp.bfloat16), *rope_tables(pos, inv_freq), pos))  # fmt: skip
     code_cache = _rand_codes(ks[3], (b, kv, s, w))
     nbytes = 2 * (2 * b * n * h * 2 + 2 * b * kv * h * 2) + b * (n + kv) * w * 4  # q in / out, k, v, codes
-    for impl in ("pallas",) if args.no_xla else ("pallas", "xla"):
+    for impl in ("pallas", "xla") if opts.xla else ("pallas",):
         fn = lambda c, q, k, v, cos, sin, pos, impl=impl: (
             lambda p: ((p.q, p.q_codes), (p.k_cache, p.v_cache, p.code_cache))
         )(decode_prologue(q, k, v, cos, sin, pos, *c, mlp, implementation=impl))
-        us = _median_call_us(fn, sets, args.reps, f"prologue {impl}", carry=(*cache, code_cache))
-        _row(results, f"prologue_{impl}", us, nbytes, args.peak_tbs, **cfg)
+        us = _median_call_us(fn, sets, opts.repeats, f"prologue {impl}", carry=(*cache, code_cache))
+        _row(results, f"prologue_{impl}", us, nbytes, opts.peak_tbs, **cfg)
 
 
-def run(args: argparse.Namespace) -> dict:
-    if args.table:
-        for path in args.table:
+def run(opts: KernelsConfig) -> dict:
+    if opts.table:
+        for path in opts.table:
             with open(path) as f:
                 run_ = json.load(f)
             print(markdown_table(run_["meta"], run_["results"]))
         return {}
+    # Every setting is checked before any work (and before the results folder exists).
+    models = [preset_name(m, tuple(MODELS)) for m in opts.model]
+    ops = set(opts.ops)
+    variants = [_topk_variant(v) for v in opts.topk_variants if v]
+    dense_lengths = set(opts.dense_context)
+    combines = list(opts.attention_combines)
+    chunks = list(opts.attention_chunks)
+    att_variants = [{}] + [_attention_variant(v) for v in opts.attention_variants if v]
     from pallas_kernels import hamming_topk_reference, sparse_decode_attention_reference
     from pallas_kernels.hamming_topk import default_grid, hamming_topk_rows, hamming_topk_rows_stats
     from pallas_kernels.sparse_decode_attention import sparse_decode_attention_rows
 
-    unknown = [m for m in args.models.split(",") if m not in MODELS]
-    if unknown:
-        raise SystemExit(f"bench kernels: unknown model shape(s) {unknown}; choose from {', '.join(MODELS)}")
     global PROFILE
-    PROFILE = args.profile
+    PROFILE = opts.profile
     dev = jax.devices()[0]
-    peak = args.peak_tbs
+    peak = opts.peak_tbs
     meta = dict(
         device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
         jax=jax.__version__,
@@ -346,25 +356,18 @@ def run(args: argparse.Namespace) -> dict:
         "inputs; removes the fixed dispatch cost, keeps kernels + launch gaps); "
         "device_us: sum of kernel durations per call from a profiler trace (no launch gaps)",
     )
-    path = args.out or os.path.join(
-        "experiments", "results", f"kernels_{meta['device'].split(':')[-1].replace(' ', '_') or 'cpu'}.json"
-    )
+    stem = opts.name or f"kernels_{meta['device'].split(':')[-1].replace(' ', '_') or 'cpu'}"
+    path = os.path.join(run_folder("bench", "kernels", opts.out_dir), stem + ".json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    ops = set(args.ops.split(","))
-    variants = [_topk_variant(v) for v in args.topk_variants.split(";") if v]
-    dense_lengths = {int(x) for x in args.dense_lengths.split(",") if x}
-    combines = [c for c in args.attention_combines.split(",") if c]
-    chunks = [int(c) for c in args.attention_chunks.split(",") if c]
-    att_variants = [{}] + [_attention_variant(v) for v in args.attention_variants.split(";") if v]
     results = []
     key = jax.random.PRNGKey(0)
-    w = args.bits // 32
-    for model in args.models.split(","):
+    w = opts.bits // 32
+    for model in models:
         n, kv, h = MODELS[model]
-        for b in (int(x) for x in args.batches.split(",")):
-            for s in (int(x) for x in args.lengths.split(",")):
-                k = max(1, math.ceil(args.keep_ratio * s))
-                cfg = dict(model=model, batch=b, length=s, k=k, bits=args.bits)
+        for b in opts.batch:
+            for s in opts.context:
+                k = max(1, math.ceil(opts.keep_ratio * s))
+                cfg = dict(model=model, batch=b, length=s, k=k, bits=opts.bits)
                 print(f"== {model} B={b} S={s} k={k}", flush=True)
                 code_bytes = b * kv * s * w * 4
                 ncodes = _copies(code_bytes)
@@ -386,7 +389,7 @@ def run(args: argparse.Namespace) -> dict:
                             if stalls:  # the one-launch kernel gave up waiting: its result is wrong
                                 print(f"    topk {name}: {stalls} stalled waits (wrong result); skipped")
                                 continue
-                            us = _median_call_us(fn, topk_sets, args.reps, f"topk {name}")
+                            us = _median_call_us(fn, topk_sets, opts.repeats, f"topk {name}")
                         except Exception as e:  # noqa: BLE001 - report, keep benchmarking
                             print(f"    topk {name} failed: {type(e).__name__}: {str(e)[:300]}")
                             continue
@@ -399,13 +402,15 @@ def run(args: argparse.Namespace) -> dict:
                             **cfg,
                             target_us=round(max(8.0, 1.5 * code_bytes / (peak * 1e6)), 2),
                         )
-                    if not args.no_xla and s <= args.xla_max_length:
+                    if opts.xla and s <= opts.xla_max_length:
                         fn = lambda q, c, ln, bu: hamming_topk_reference(q, c, ln, k, bu).indices
-                        us = _median_call_us(fn, topk_sets[: max(2, min(calls, 8))], max(3, args.reps // 2), "topk xla")
+                        us = _median_call_us(
+                            fn, topk_sets[: max(2, min(calls, 8))], max(3, opts.repeats // 2), "topk xla"
+                        )
                         _row(results, "topk_xla(popcount+lax.top_k)", us, topk_bytes, peak, **cfg)
                 del topk_sets
                 kv_bytes = 2 * b * kv * s * h * 2
-                if kv_bytes > args.max_kv_gb * 1e9 or not ({"attention", "spotlight", "prologue"} & ops):
+                if kv_bytes > opts.max_kv_gb * 1e9 or not ({"attention", "spotlight", "prologue"} & ops):
                     codes.clear()
                     continue
                 ncache = _copies(kv_bytes, cap=4)
@@ -432,7 +437,7 @@ def run(args: argparse.Namespace) -> dict:
                         )
                         mods = ([] if comb == "kernel" else [f"combine={comb}"]) + ([f"chunk={chunk}"] if chunk else [])
                         mods += [_variant_name(kw, ATTENTION_KEYS)] if kw else []
-                        us = _median_call_us(fn, att_sets, args.reps, f"attention {','.join(mods) or 'default'}")
+                        us = _median_call_us(fn, att_sets, opts.repeats, f"attention {','.join(mods) or 'default'}")
                         _row(
                             results,
                             "attention_pallas" + (f"({','.join(mods)})" if mods else ""),
@@ -442,12 +447,12 @@ def run(args: argparse.Namespace) -> dict:
                             **cfg,
                             target_us=round(max(8.0, 1.5 * 2 * b * kv * k * h * 2 / (peak * 1e6)), 2),
                         )
-                    if not args.no_xla and s <= args.xla_max_length:
+                    if opts.xla and s <= opts.xla_max_length:
                         valid = jnp.ones((b, kv, k), bool)
                         fn = lambda q, kc, vc, ix: sparse_decode_attention_reference(
                             q, kc, vc, ix.reshape(b, kv, k), valid
                         )
-                        us = _median_call_us(fn, [a[:4] for a in att_sets], args.reps, "attention xla")
+                        us = _median_call_us(fn, [a[:4] for a in att_sets], opts.repeats, "attention xla")
                         _row(results, "attention_xla(gather+softmax)", us, sel_bytes, peak, **cfg)
                     del att_sets, idx_sets
                 if "spotlight" in ops:
@@ -460,7 +465,7 @@ def run(args: argparse.Namespace) -> dict:
                     fn = lambda q, kc, vc, qc, cc, ln, bu: spotlight_attention(
                         q, kc, vc, qc, cc, ln, k, bu, implementation="pallas"
                     )
-                    us = _median_call_us(fn, sp_sets, args.reps, "spotlight")
+                    us = _median_call_us(fn, sp_sets, opts.repeats, "spotlight")
                     _row(results, "spotlight_pallas(topk+attention)", us, topk_bytes + sel_bytes, peak, **cfg)
                     if s in dense_lengths:
                         dense_bytes = kv_bytes
@@ -472,7 +477,7 @@ def run(args: argparse.Namespace) -> dict:
                             fn = lambda q, kc, vc, ln, comb=comb: decode_attention(
                                 q, kc, vc, ln, implementation="pallas", combine=comb
                             )
-                            us = _median_call_us(fn, own_sets, args.reps, f"dense ours {comb}")
+                            us = _median_call_us(fn, own_sets, opts.repeats, f"dense ours {comb}")
                             label = "dense_pallas_ours" + ("" if comb == "kernel" else f"(combine={comb})")
                             _row(results, label, us, dense_bytes, peak, **cfg)
                         del own_sets
@@ -483,7 +488,7 @@ def run(args: argparse.Namespace) -> dict:
                             fn = lambda q, kc, vc: jax.nn.dot_product_attention(
                                 q[:, None], kc, vc, implementation="cudnn"
                             )
-                            us = _median_call_us(fn, dn_sets, args.reps, "cudnn")
+                            us = _median_call_us(fn, dn_sets, opts.repeats, "cudnn")
                             _row(results, "dense_cudnn", us, dense_bytes, peak, **cfg)
                         except Exception as e:  # noqa: BLE001 - report, keep benchmarking
                             print(f"    dense_cudnn failed: {type(e).__name__}: {str(e)[:200]}")
@@ -491,14 +496,14 @@ def run(args: argparse.Namespace) -> dict:
                             from jax.experimental.pallas.ops.gpu import decode_attention
 
                             fn = lambda q, kc, vc: decode_attention.gqa(q, kc, vc)
-                            us = _median_call_us(fn, dn_sets, args.reps, "gqa")
+                            us = _median_call_us(fn, dn_sets, opts.repeats, "gqa")
                             _row(results, "dense_pallas_gqa", us, dense_bytes, peak, **cfg)
                         except Exception as e:  # noqa: BLE001
                             print(f"    dense_pallas_gqa failed: {type(e).__name__}: {str(e)[:200]}")
                         del tcaches, dn_sets
                     del sp_sets
                 if "prologue" in ops:
-                    _bench_prologue(results, caches[0], qs, keys[5], cfg, args)
+                    _bench_prologue(results, caches[0], qs, keys[5], cfg, opts)
                 del caches, codes
                 _save(path, meta, results)  # after every configuration: a timeout keeps what ran
     _save(path, meta, results)

@@ -1,18 +1,24 @@
-"""`python -m spotlight_jax.eval SUBCOMMAND ...`: quality evaluations, one module per subcommand.
+"""Quality evaluations on held-out text, one module per subcommand.
 
-Every module `spotlight_jax/eval/<name>.py` that defines `add_arguments(parser)` and `run(args)` is a subcommand
-(helper modules without them are skipped); it is imported only when chosen. Its `--help` line is its docstring's
-first line unless `DESCRIPTIONS` has one.
+Each writes JSON + markdown (+ PNG plots) into a new run folder, runs/eval/<command>-<UTC time>/, or into --out-dir.
+
+examples:
+  python -m spotlight_jax.eval recall --hashes spotlight=runs/hash-smollm2-135m/hashes
+  python -m spotlight_jax.eval perplexity --hashes runs/hash-smollm2-135m/hashes --methods dense oracle spotlight
+  python -m spotlight_jax.eval passkey --hashes H --lengths 2048 4096 --methods dense spotlight+sink4
+  python -m spotlight_jax.eval fidelity --hashes H --num-prompts 10 --out-dir runs/eval/fidelity-small
+  python -m spotlight_jax.eval perplexity --help
+
+Methods: dense, oracle, quest, linear-<bits>, spotlight, with modifiers +sink<N> / +recent<N> (always keep the first /
+last N rows) and +keep<P> (keep P % of the rows). From a notebook: `perplexity.run(perplexity.PerplexityConfig(...))`.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
-import importlib
 import os
 import pkgutil
-import sys
+from collections.abc import Sequence
 
 DESCRIPTIONS = {
     "recall": "recall@k / IoU of selected tokens vs the oracle top-k of group-aggregated attention, per layer",
@@ -23,19 +29,20 @@ DESCRIPTIONS = {
 
 
 def _inspect(name: str) -> tuple[bool, str]:
-    """(is a subcommand: defines add_arguments and run, first docstring line), read without importing the module."""
+    """(is a subcommand: defines CONFIG and run, first docstring line), read without importing the module."""
     try:
         with open(os.path.join(__path__[0], f"{name}.py")) as f:
             tree = ast.parse(f.read())
     except (OSError, SyntaxError):
         return False, ""
-    funcs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    names |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
     doc = (ast.get_docstring(tree) or "").strip()
-    return {"add_arguments", "run"} <= funcs, (doc.splitlines()[0] if doc else f"spotlight_jax.eval.{name}")
+    return {"CONFIG", "run"} <= names, (doc.splitlines()[0] if doc else f"spotlight_jax.eval.{name}")
 
 
 def subcommands() -> dict[str, str]:
-    """name -> description for every module of this package that defines `add_arguments` and `run`."""
+    """name -> description for every module of this package that defines `CONFIG` and `run`."""
     out = {}
     for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if m.name.startswith("_"):
@@ -46,14 +53,7 @@ def subcommands() -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m spotlight_jax.eval", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in subcommands().items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if argv and argv[0] == name:  # import only the chosen evaluation (each pulls in its own heavy modules)
-            importlib.import_module(f"spotlight_jax.eval.{name}").add_arguments(p)
-    args = parser.parse_args(argv)
-    result = importlib.import_module(f"spotlight_jax.eval.{args.command}").run(args)
-    return result if isinstance(result, int) else 0
+def main(argv: Sequence[str] | None = None) -> int:
+    from spotlight_jax.cli import dispatch
+
+    return dispatch(argv, prog="spotlight-eval", description=__doc__, package=__name__, subcommands=subcommands())

@@ -10,7 +10,7 @@ checkpoint given with --hashes; reported as `spotlight-<bits>`).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spotlight_jax.cli import method_fields
+from spotlight_jax.cli import method_fields, model_field, option, out_dir_field
 from spotlight_jax.config import ModelConfig, PrefillConfig, RetrievalConfig
 from spotlight_jax.generate import SamplingConfig, bucket, decode_loop
 from spotlight_jax.model import KVCache, init_cache
@@ -30,6 +30,13 @@ from spotlight_jax.retrieval import CODE_METHODS
 
 DEFAULT_METHODS = ("dense", "oracle", "linear-128", "linear-1024", "spotlight")
 PYDOCS = Path(__file__).resolve().parents[3] / "shared" / "data" / "pydocs.jsonl.gz"
+EVAL_METHODS = ("dense", "oracle", "quest", "linear", "spotlight")
+UNKNOWN_METHOD = "unknown method {!r}: use dense, oracle, quest, linear-<bits> or spotlight"
+NEEDS_HASHES = "method 'spotlight' needs hashes (--hashes PATH: an export of `python -m spotlight_jax.train`)"
+METHODS_HELP = (
+    "dense oracle quest linear-<bits> spotlight; +sink<N> / +recent<N> keep first / last rows, +keep<P> keeps P %% of "
+    "the rows (e.g. oracle+keep5)"
+)
 
 
 def default_data() -> str:
@@ -37,47 +44,61 @@ def default_data() -> str:
     return str(PYDOCS) if PYDOCS.exists() else "stdlib"
 
 
-def add_common_arguments(p: argparse.ArgumentParser, *, methods=DEFAULT_METHODS):
-    p.add_argument("--model", default=None, help="model source for load_model (default: embedded SmolLM2-135M)")
-    p.add_argument("--hashes", default=None, help="exported Spotlight hash checkpoint (needed by method 'spotlight')")
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        default=list(methods),
-        help="dense oracle quest linear-<bits> spotlight; +sink<N> / +recent<N> keep first / last rows, +keep<P> keeps "
-        "P %% of the rows (e.g. oracle+keep5)",
+@dataclasses.dataclass(frozen=True)
+class DecodeEvalConfig:
+    """What every decode-path evaluation takes (perplexity, passkey, fidelity extend it)."""
+
+    model: str | None = model_field()
+    hashes: str | None = option(
+        None, "exported Spotlight hash checkpoint (needed by method 'spotlight'; default: none)"
     )
-    p.add_argument("--data", default=None, help="datasets source (default: pydocs if present, else stdlib)")
-    p.add_argument("--tokens", default=None, help="prebuilt token file (.npz) from --save-tokens: skips tokenising")
-    p.add_argument("--save-tokens", default=None, help="write the tokenised evaluation set here (.npz) and go on")
-    p.add_argument("--keep-ratio", type=float, default=0.02)
-    p.add_argument("--min-keep", type=int, default=20)
-    p.add_argument("--dense-layers", type=int, nargs="*", default=[0, 1])
-    p.add_argument("--implementation", choices=["xla", "pallas"], default=None, help="default: pallas on GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="experiments/results", help="folder for the JSON/markdown/PNG results")
+    methods: tuple[str, ...] = option(DEFAULT_METHODS, METHODS_HELP)
+    data: str | None = option(None, "datasets source (default: pydocs if present, else stdlib)")
+    tokens: str | None = option(None, "prebuilt token file (.npz) from --save-tokens: skips tokenising (default: none)")
+    save_tokens: str | None = option(None, "write the tokenised evaluation set here (.npz) and go on (default: no)")
+    keep_ratio: float = option(0.02, "share of the cached rows a sparse method keeps")
+    min_keep: int = option(20, "fewest rows a sparse method keeps")
+    dense_layers: tuple[int, ...] = option((0, 1), "layers that stay dense", type=int, nargs="*")
+    implementation: str | None = option(
+        None, "decode kernels (default: pallas on the GPU, xla elsewhere)", choices=("xla", "pallas")
+    )
+    seed: int = option(0, "seed of the linear hashes and of the sample order")
+    out_dir: str | None = out_dir_field("eval")
+
+    def check(self) -> None:
+        """What can be checked before the model loads: method specs, the hashes they need, the token file."""
+        for spec in self.methods:
+            kind = method_fields(spec)["method"].partition("-")[0]  # a bad modifier raises the parser's ValueError
+            if kind not in EVAL_METHODS:
+                raise ValueError(UNKNOWN_METHOD.format(spec))
+            if kind == "spotlight" and not self.hashes:
+                raise ValueError(NEEDS_HASHES)
+        if self.hashes and not os.path.isdir(self.hashes):
+            raise FileNotFoundError(f"hash checkpoint folder not found: {self.hashes}")
+        if self.tokens and not os.path.isfile(self.tokens):
+            raise FileNotFoundError(f"token file not found: {self.tokens}")
 
 
-def method_setup(name: str, cfg: ModelConfig, args) -> tuple[str, RetrievalConfig, Any]:
+def method_setup(name: str, cfg: ModelConfig, ecfg: DecodeEvalConfig) -> tuple[str, RetrievalConfig, Any]:
     """'linear-256' -> (label, RetrievalConfig, HashStack | None).
 
     Modifiers after '+' (``config.split_method``) set RetrievalConfig fields of a sparse method: 'spotlight+sink4'
     keeps the first 4 tokens, 'oracle+recent16' the last 16, 'spotlight+sink4+recent16' both; 'oracle+keep5' keeps
-    5 % of the rows instead of --keep-ratio.
+    5 % of the rows instead of `keep_ratio`.
     """
     spec = name
-    always_kept = method_fields(spec)  # a bad spec exits with the parser's message
+    always_kept = method_fields(spec)  # a bad spec raises the parser's ValueError
     name = always_kept.pop("method")
     base = dict(
-        keep_ratio=args.keep_ratio, min_keep=args.min_keep, dense_layers=tuple(args.dense_layers),
-        implementation=args.implementation,
+        keep_ratio=ecfg.keep_ratio, min_keep=ecfg.min_keep, dense_layers=tuple(ecfg.dense_layers),
+        implementation=ecfg.implementation,
     )  # fmt: skip
-    base.update(always_kept)  # the spec's modifiers (+sink4, +keep5, ...) override the command-line defaults
-    label, rcfg, stack = _method_base(name, cfg, args, base)
+    base.update(always_kept)  # the spec's modifiers (+sink4, +keep5, ...) override the configured defaults
+    label, rcfg, stack = _method_base(name, cfg, ecfg, base)
     return label + spec[len(name) :], rcfg, stack
 
 
-def _method_base(name: str, cfg: ModelConfig, args, base: dict) -> tuple[str, RetrievalConfig, Any]:
+def _method_base(name: str, cfg: ModelConfig, ecfg: DecodeEvalConfig, base: dict) -> tuple[str, RetrievalConfig, Any]:
     from spotlight_jax.hashing import HashConfig, HashStack, load_hashes
 
     kind, _, bits = name.partition("-")
@@ -86,55 +107,51 @@ def _method_base(name: str, cfg: ModelConfig, args, base: dict) -> tuple[str, Re
     if kind == "linear":
         bits = int(bits or 128)
         stack = HashStack(
-            cfg, HashConfig(kind="linear", bits=bits), dense_layers=base["dense_layers"], rngs=nnx.Rngs(args.seed)
+            cfg, HashConfig(kind="linear", bits=bits), dense_layers=base["dense_layers"], rngs=nnx.Rngs(ecfg.seed)
         )
         return f"linear-{bits}", RetrievalConfig(method="linear", bits=bits, **base), stack
     if kind == "spotlight":
-        if not args.hashes:
-            raise SystemExit("method 'spotlight' needs --hashes PATH (an export of `python -m spotlight_jax.train`)")
-        stack = load_hashes(args.hashes, cfg)
-        missing = [i for i in range(cfg.num_layers) if i not in args.dense_layers and i not in stack.layers]
+        if not ecfg.hashes:
+            raise ValueError(NEEDS_HASHES)
+        stack = load_hashes(ecfg.hashes, cfg)
+        missing = [i for i in range(cfg.num_layers) if i not in base["dense_layers"] and i not in stack.layers]
         if missing:
-            raise SystemExit(f"--hashes has no hash module for layers {missing}; add them to --dense-layers or retrain")
+            raise ValueError(
+                f"the hashes have no hash module for layers {missing}; add them to dense_layers or retrain"
+            )
         return f"spotlight-{stack.bits}", RetrievalConfig(method="spotlight", bits=stack.bits, **base), stack
-    raise SystemExit(f"unknown method {name!r}: use dense, oracle, quest, linear-<bits> or spotlight")
+    raise ValueError(UNKNOWN_METHOD.format(name))
 
 
-def load_eval_model(args):
+def load_eval_model(ecfg: DecodeEvalConfig):
     from spotlight_jax.convert import load_model
 
-    return load_model(args.model)
+    return load_model(ecfg.model)
 
 
-def eval_texts(args, part: str = "heldout"):
-    """Held-out documents of --data (the same split the training uses, so no document is in both)."""
+def eval_texts(ecfg: DecodeEvalConfig, part: str = "heldout"):
+    """Held-out documents of `data` (the same split the training uses, so no document is in both)."""
     from spotlight_jax.data import load_documents, split_documents
 
-    ds = load_documents(args.data or default_data())
+    ds = load_documents(ecfg.data or default_data())
     return ds.select(split_documents(len(ds), part))["text"]
 
 
-def tokens_or_build(args, build):
-    """Load --tokens if given, else `build()` (a dict of arrays), saving it to --save-tokens when asked. The file
-    carries the name of its corpus, so results computed from it on another machine still say where the text came
-    from (`data_label`)."""
-    if args.tokens:
-        with np.load(args.tokens) as f:
+def tokens_or_build(ecfg: DecodeEvalConfig, build) -> tuple[dict, str]:
+    """(arrays, corpus label): the `tokens` file if given, else `build()` (a dict of arrays), saved to `save_tokens`
+    when asked. The file carries the name of its corpus, so results computed from it on another machine still say
+    where the text came from."""
+    if ecfg.tokens:
+        with np.load(ecfg.tokens) as f:
             arrays = {k: f[k] for k in f.files}
         source = arrays.pop("data_source", None)
-        args.data_label = str(source) if source is not None else f"tokens file {os.path.basename(args.tokens)}"
-        return arrays
+        return arrays, (str(source) if source is not None else f"tokens file {os.path.basename(ecfg.tokens)}")
     arrays = build()
-    args.data_label = args.data or default_data()
-    if args.save_tokens:
-        os.makedirs(os.path.dirname(os.path.abspath(args.save_tokens)), exist_ok=True)
-        np.savez_compressed(args.save_tokens, **arrays, data_source=np.asarray(os.path.basename(args.data_label)))
-    return arrays
-
-
-def data_label(args) -> str:
-    """The corpus an evaluation read (from its token file when it came with --tokens)."""
-    return getattr(args, "data_label", None) or args.data or default_data()
+    label = ecfg.data or default_data()
+    if ecfg.save_tokens:
+        os.makedirs(os.path.dirname(os.path.abspath(ecfg.save_tokens)), exist_ok=True)
+        np.savez_compressed(ecfg.save_tokens, **arrays, data_source=np.asarray(os.path.basename(label)))
+    return arrays, label
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ its ratio to dense, and a plot of the running NLL against position; when the met
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -19,41 +19,51 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from spotlight_jax.bench.common import markdown_table, provenance
+from spotlight_jax.bench.common import markdown_table, provenance, run_folder
+from spotlight_jax.cli import option
 from spotlight_jax.eval import decoding
 
 
-def add_arguments(p: argparse.ArgumentParser):
-    decoding.add_common_arguments(p, methods=("dense", "oracle", "linear-128", "linear-1024", "spotlight"))
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--prefix", type=int, default=1024, help="densely prefilled tokens; later positions are decoded")
-    p.add_argument("--num-seqs", type=int, default=8)
-    p.add_argument("--batch", type=int, default=4)
+@dataclasses.dataclass(frozen=True)
+class PerplexityConfig(decoding.DecodeEvalConfig):
+    seq_len: int = option(4096, "tokens per held-out sequence")
+    prefix: int = option(1024, "densely prefilled tokens; later positions are decoded")
+    num_seqs: int = option(8, "held-out sequences")
+    batch: int = option(4, "sequences decoded together")
 
 
-def build_tokens(args, tokenizer) -> dict:
+CONFIG = PerplexityConfig
+
+
+def build_tokens(cfg: PerplexityConfig, tokenizer) -> dict:
     from spotlight_jax.data import pack_samples
 
-    seqs = pack_samples(decoding.eval_texts(args), tokenizer, args.seq_len, args.num_seqs, shuffle_seed=args.seed)
+    seqs = pack_samples(decoding.eval_texts(cfg), tokenizer, cfg.seq_len, cfg.num_seqs, shuffle_seed=cfg.seed)
     return {"sequences": seqs}
 
 
-def run(args):
-    model, tokenizer = decoding.load_eval_model(args)
-    seqs = decoding.tokens_or_build(args, lambda: build_tokens(args, tokenizer))["sequences"]
-    if seqs.shape[1] <= args.prefix + 1:
-        raise SystemExit(f"sequences of {seqs.shape[1]} tokens leave nothing to decode after --prefix {args.prefix}")
-    setups = [decoding.method_setup(name, model.cfg, args) for name in args.methods]
+def run(cfg: PerplexityConfig) -> dict:
+    """Perplexity of each method; writes perplexity.{json,md,png} (+ perplexity_vs_keep.png) and returns the report."""
+    cfg.check()
+    if not cfg.tokens and cfg.seq_len <= cfg.prefix + 1:
+        raise ValueError(f"seq_len {cfg.seq_len} leaves nothing to decode after prefix {cfg.prefix}")
+    out_dir = run_folder("eval", "perplexity", cfg.out_dir)
+    model, tokenizer = decoding.load_eval_model(cfg)
+    data, data_label = decoding.tokens_or_build(cfg, lambda: build_tokens(cfg, tokenizer))
+    seqs = data["sequences"]
+    if seqs.shape[1] <= cfg.prefix + 1:
+        raise ValueError(f"sequences of {seqs.shape[1]} tokens leave nothing to decode after prefix {cfg.prefix}")
+    setups = [decoding.method_setup(name, model.cfg, cfg) for name in cfg.methods]
     nlls = {label: [] for label, _, _ in setups}
     seconds = dict.fromkeys(nlls, 0.0)
-    for lo in tqdm(range(0, len(seqs), args.batch), desc="perplexity batches", unit="batch"):
-        chunk = seqs[lo : lo + args.batch]
-        shared, _, _ = decoding.prefill_batch(model, chunk[:, : args.prefix], chunk.shape[1])
+    for lo in tqdm(range(0, len(seqs), cfg.batch), desc="perplexity batches", unit="batch"):
+        chunk = seqs[lo : lo + cfg.batch]
+        shared, _, _ = decoding.prefill_batch(model, chunk[:, : cfg.prefix], chunk.shape[1])
         for label, rcfg, hashes in setups:
             t0 = time.perf_counter()
             parts = decoding.split_model(model, hashes)
             cache = decoding.with_codes(parts[2], parts[3], decoding.copy_cache(shared), retrieval_cfg=rcfg)
-            nll = decoding.teacher_forced_nll(*parts, jnp.asarray(chunk), cache, retrieval_cfg=rcfg, prefix=args.prefix)
+            nll = decoding.teacher_forced_nll(*parts, jnp.asarray(chunk), cache, retrieval_cfg=rcfg, prefix=cfg.prefix)
             nlls[label].append(np.asarray(nll))
             seconds[label] += time.perf_counter() - t0
     rows, curves = [], {}
@@ -72,13 +82,14 @@ def run(args):
         r["ppl"] = round(r["ppl"], 4)
         r["nll"] = round(r["nll"], 5)
     meta = {
-        "seq_len": int(seqs.shape[1]), "prefix": args.prefix, "num_seqs": int(len(seqs)),
-        "keep_ratio": args.keep_ratio, "min_keep": args.min_keep, "data": decoding.data_label(args),
+        "seq_len": int(seqs.shape[1]), "prefix": cfg.prefix, "num_seqs": int(len(seqs)),
+        "keep_ratio": cfg.keep_ratio, "min_keep": cfg.min_keep, "data": data_label,
     }  # fmt: skip
-    write_report(args.out, "perplexity", rows, meta)
-    plot_curves(curves, args.prefix, os.path.join(args.out, "perplexity.png"))
+    report = write_report(out_dir, "perplexity", rows, meta)
+    plot_curves(curves, cfg.prefix, os.path.join(out_dir, "perplexity.png"))
     if len({r["keep_ratio"] for r in rows if r["keep_ratio"] is not None}) > 1:
-        plot_vs_keep(rows, dense, os.path.join(args.out, "perplexity_vs_keep.png"))
+        plot_vs_keep(rows, dense, os.path.join(out_dir, "perplexity_vs_keep.png"))
+    return report
 
 
 def method_family(label: str) -> str:
@@ -119,15 +130,19 @@ def plot_vs_keep(rows, dense_ppl, path):
     plt.close(fig)
 
 
-def write_report(out_dir, name, rows, meta):
+def write_report(out_dir, name, rows, meta) -> dict:
+    """`<out_dir>/<name>.json` (rows + provenance) and `.md`; prints the table and returns the JSON payload."""
     os.makedirs(out_dir, exist_ok=True)
     prov = provenance()
+    payload = {"eval": name, **prov, **meta, "rows": rows}
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump({"eval": name, **prov, **meta, "rows": rows}, f, indent=2)
+        json.dump(payload, f, indent=2)
     md = f"{name}: {prov['device']}, jax {prov['jax']}, {prov['date']}; {json.dumps(meta)}\n\n" + markdown_table(rows)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(md + "\n")
     print(md)
+    print(f"wrote {os.path.join(out_dir, name)}.json and .md")
+    return payload
 
 
 def plot_curves(curves, prefix, path, window=128):

@@ -2,21 +2,21 @@
 
     python -m spotlight_jax.eval recall \\
         --hashes spotlight-128=runs/recall/spot128/hashes spotlight-64=runs/recall/spot64/hashes \\
-        --linear-bits 128 256 512 1024 --dataset ../shared/data/pydocs.jsonl.gz --data-part heldout \\
-        --out experiments/results/recall_smollm2
+        --linear-bits 128 256 512 1024 --data ../shared/data/pydocs.jsonl.gz --data-part heldout \\
+        --out-dir runs/eval/recall-pydocs
 
 For each held-out sample, layer and sampled query position p (p >= --min-position), the oracle set is the
 `budget(p) = max(min_keep, ceil(keep_ratio * (p + 1)))` keys with the largest causal softmax attention summed over
 the KV head's G query heads; a method selects `budget(p)` keys by its own score: Spotlight / LinearHash use the
 decoder's scoring (packed codes -> `pallas_kernels.hamming_scores`, XNOR-popcount summed over the group; ties
 broken at random), `random` scores uniformly. recall = |sel ∩ oracle| / |oracle|, IoU = |sel ∩ oracle| /
-|sel ∪ oracle|, averaged over (sample, KV head, query). Writes <out>.json, .csv, .md and .png.
+|sel ∪ oracle|, averaged over (sample, KV head, query). Writes <out-dir>/<name>.json, .csv, .md and .png.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -29,6 +29,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from spotlight_jax.activations import ActivationReader, collect_activations, read_manifest
+from spotlight_jax.bench.common import run_folder
+from spotlight_jax.cli import model_field, option, out_dir_field
 from spotlight_jax.hashing import LinearHash, load_hashes
 from spotlight_jax.losses import group_attention, sample_query_positions, topk_mask
 
@@ -175,32 +177,56 @@ def write_outputs(out: str, results: dict, bits: dict[str, int], info: dict[str,
     return {k: out + k for k in (".json", ".csv", ".md", ".png")}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hashes", nargs="*", default=[], metavar="NAME=PATH",
-                   help="exported Spotlight hashes to evaluate, e.g. spotlight-128=runs/x/hashes")  # fmt: skip
-    p.add_argument("--linear-bits", nargs="*", type=int, default=[128, 256, 512, 1024],
-                   help="LinearHash (random projection) baselines at these code lengths")  # fmt: skip
-    p.add_argument("--no-random", action="store_true", help="skip the random-selection floor")
-    p.add_argument("--activations-dir", default="runs/recall/acts-heldout",
-                   help="held-out activation cache (collected with the data flags below when missing)")  # fmt: skip
-    p.add_argument("--model", default=None, help="model source (default: embedded SmolLM2-135M)")
-    p.add_argument("--dataset", default="stdlib", help="data source (see spotlight_jax.data)")
-    p.add_argument("--data-part", default="heldout", choices=["all", "train", "heldout"])
-    p.add_argument("--heldout-fraction", type=float, default=0.2)
-    p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--layers", default=None, help="comma-separated layers (default: every layer >= 2)")
-    p.add_argument("--queries", type=int, default=256, help="sampled query positions per sample")
-    p.add_argument("--min-position", type=int, default=512, help="queries at positions >= this")
-    p.add_argument("--keep-ratio", type=float, default=0.02)
-    p.add_argument("--min-keep", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="experiments/results/recall_smollm2", help="output prefix (.json/.csv/.md/.png)")
+@dataclasses.dataclass(frozen=True)
+class RecallConfig:
+    hashes: tuple[str, ...] = option(
+        (), "exported Spotlight hashes to evaluate, each NAME=PATH or PATH (named spotlight-<bits>), e.g. "
+        "spotlight-128=runs/x/hashes (default: none)", metavar="[NAME=]PATH", sep=None,
+    )  # fmt: skip
+    linear_bits: tuple[int, ...] = option(
+        (128, 256, 512, 1024), "LinearHash (random projection) baselines at these code lengths", nargs="*"
+    )
+    random: bool = option(True, "also the random-selection floor")
+    activations_dir: str = option(
+        "runs/recall/acts-heldout", "held-out activation cache (collected with the data options when missing)"
+    )
+    model: str | None = model_field()
+    data: str = option("stdlib", "data source (see spotlight_jax.data)", aliases=("dataset",))
+    data_part: str = option("heldout", "documents to sample", choices=("all", "train", "heldout"))
+    heldout_fraction: float = option(0.2, "share of documents held out")
+    num_samples: int = option(4, "samples of the activation cache")
+    seq_len: int = option(2048, "tokens per sample")
+    layers: tuple[int, ...] | None = option(None, "layers to evaluate (default: every layer >= 2)", type=int, nargs="+")
+    queries: int = option(256, "sampled query positions per sample")
+    min_position: int = option(512, "queries at positions >= this")
+    keep_ratio: float = option(0.02, "share of the causal keys selected")
+    min_keep: int = option(20, "fewest keys selected")
+    seed: int = option(0, "seed of the linear hashes and of the query positions")
+    out_dir: str | None = out_dir_field("eval")
+    name: str = option("recall", "stem of the result files")
 
 
-def run(args: argparse.Namespace) -> int:
+CONFIG = RecallConfig
+
+
+def _hash_specs(specs) -> list[tuple[str, str]]:
+    """'NAME=PATH' or a bare PATH (named spotlight-<bits> once loaded) -> [(name or '', path)]."""
+    out = []
+    for spec in specs:
+        name, eq, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        if (eq and not name) or not path:
+            raise ValueError(f"hashes are given as NAME=PATH or PATH (e.g. spotlight-128=runs/x/hashes), got {spec!r}")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"hash checkpoint folder not found: {path}")
+        out.append((name, path))
+    return out
+
+
+def run(cfg: RecallConfig) -> dict:
+    """Recall / IoU per method and layer; writes <out_dir>/<name>.{json,csv,md,png} and returns the results."""
     t0 = time.time()
-    path = args.activations_dir
+    specs = _hash_specs(cfg.hashes)  # before any model work: a typo fails in a moment
+    path = cfg.activations_dir
     try:
         m = read_manifest(path)
         complete = m.get("completed") == m.get("num_samples")
@@ -212,52 +238,52 @@ def run(args: argparse.Namespace) -> int:
         from spotlight_jax import data
         from spotlight_jax.convert import load_model
 
-        model, tok = load_model(args.model)
+        model, tok = load_model(cfg.model)
         samples, info = data.build_samples(
-            tok, args.dataset, seq_len=args.seq_len, num_samples=args.num_samples, part=args.data_part,
-            heldout_fraction=args.heldout_fraction, seed=0, eos_id=(model.cfg.eos_token_ids or (None,))[0],
+            tok, cfg.data, seq_len=cfg.seq_len, num_samples=cfg.num_samples, part=cfg.data_part,
+            heldout_fraction=cfg.heldout_fraction, seed=0, eos_id=(model.cfg.eos_token_ids or (None,))[0],
         )  # fmt: skip
         acts = collect_activations(model, samples, path, range(2, model.cfg.num_layers), data_info=info)
-    cfg = acts.model_cfg
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else [i for i in acts.layers if i >= 2]
+    mcfg = acts.model_cfg
+    layers = list(cfg.layers) if cfg.layers else [i for i in acts.layers if i >= 2]
 
     methods: dict[str, Any] = {}
     bits: dict[str, int] = {}
-    for spec in args.hashes:
-        name, _, hpath = spec.partition("=")
-        stack = load_hashes(hpath, cfg)
+    for name, hpath in specs:
+        stack = load_hashes(hpath, mcfg)
+        name = name or f"spotlight-{stack.bits}"
         methods[name] = stack.for_layer
         bits[name] = stack.bits
-    for b in args.linear_bits:
+    for b in cfg.linear_bits:
         name = f"linear-{b}"
-        key = jax.random.fold_in(jax.random.key(args.seed), b)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), b)
         mods = {
-            i: LinearHash(cfg.num_kv_heads, cfg.head_dim, num_heads=cfg.num_heads, bits=b,
+            i: LinearHash(mcfg.num_kv_heads, mcfg.head_dim, num_heads=mcfg.num_heads, bits=b,
                           rngs=nnx.Rngs(params=jax.random.fold_in(key, i)))
             for i in layers
         }  # fmt: skip
         methods[name] = mods.__getitem__
         bits[name] = b
-    if not args.no_random:
+    if cfg.random:
         methods["random"] = "random"
     results = evaluate(
-        acts, methods, layers, queries=args.queries, min_position=args.min_position, keep_ratio=args.keep_ratio,
-        min_keep=args.min_keep, seed=args.seed,
+        acts, methods, layers, queries=cfg.queries, min_position=cfg.min_position, keep_ratio=cfg.keep_ratio,
+        min_keep=cfg.min_keep, seed=cfg.seed,
     )  # fmt: skip
     info = {
         "model": acts.model_name,
         "data": json.dumps(acts.manifest.get("data", {})),
         "samples": acts.num_samples,
         "seq_len": acts.seq_len,
-        "queries": args.queries,
-        "min_position": args.min_position,
-        "keep_ratio": args.keep_ratio,
-        "min_keep": args.min_keep,
-        "hashes": args.hashes,
+        "queries": cfg.queries,
+        "min_position": cfg.min_position,
+        "keep_ratio": cfg.keep_ratio,
+        "min_keep": cfg.min_keep,
+        "hashes": list(cfg.hashes),
         "seconds": round(time.time() - t0, 1),
     }
-    files = write_outputs(args.out, results, bits, info)
+    files = write_outputs(os.path.join(run_folder("eval", "recall", cfg.out_dir), cfg.name), results, bits, info)
     with open(files[".md"]) as f:
         print(f.read())
     print("wrote", ", ".join(files.values()))
-    return 0
+    return results
