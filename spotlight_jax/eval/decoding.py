@@ -35,7 +35,8 @@ UNKNOWN_METHOD = "unknown method {!r}: use dense, oracle, quest, linear-<bits> o
 NEEDS_HASHES = "method 'spotlight' needs hashes (--hashes PATH: an export of `python -m spotlight_jax.train`)"
 METHODS_HELP = (
     "dense oracle quest linear-<bits> spotlight; +sink<N> / +recent<N> keep first / last rows, +keep<P> keeps P %% of "
-    "the rows (e.g. oracle+keep5)"
+    "the rows (e.g. oracle+keep5), +rerank<R> rescores R x the budget of Hamming candidates exactly "
+    "(spotlight+rerank4), +mass<P> keeps the fewest rows holding attention mass P (oracle+mass0.9)"
 )
 
 
