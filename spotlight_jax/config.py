@@ -197,6 +197,17 @@ METHODS = ("dense", "oracle", "linear", "spotlight", "quest")
 LAUNCH_MODIFIERS = {"1launch": True, "3launch": False}
 
 
+def _fraction_modifier(mod: str, prefix: str, top: float, what: str, example: str) -> float:
+    """'+keep5' -> 0.05, '+mass0.9' -> 0.9: the number after `prefix`, in (0, top], as a fraction of `top`."""
+    try:
+        value = float(mod[len(prefix) :])
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= top:
+        raise ValueError(f"method modifier {mod!r}: {what} in (0, {top}], e.g. {example}")
+    return value / top
+
+
 def split_method(spec: str) -> tuple[str, dict[str, int | float | bool]]:
     """'spotlight+sink4+recent16' -> ('spotlight', {'sink_tokens': 4, 'recent_window': 16}).
 
@@ -221,22 +232,10 @@ def split_method(spec: str) -> tuple[str, dict[str, int | float | bool]]:
             fields["topk_one_launch"] = LAUNCH_MODIFIERS[mod]
             continue
         if mod.startswith("keep"):
-            try:
-                pct = float(mod[4:])
-            except ValueError:
-                pct = -1.0
-            if not 0 < pct <= 100:
-                raise ValueError(f"method modifier {mod!r}: +keep<P> takes a percentage in (0, 100], e.g. +keep5")
-            fields["keep_ratio"] = pct / 100
+            fields["keep_ratio"] = _fraction_modifier(mod, "keep", 100, "+keep<P> takes a percentage", "+keep5")
             continue
         if mod.startswith("mass"):
-            try:
-                mass = float(mod[4:])
-            except ValueError:
-                mass = -1.0
-            if not 0 < mass <= 1:
-                raise ValueError(f"method modifier {mod!r}: +mass<P> takes an attention mass in (0, 1], e.g. +mass0.9")
-            fields["top_p"] = mass
+            fields["top_p"] = _fraction_modifier(mod, "mass", 1, "+mass<P> takes an attention mass", "+mass0.9")
             continue
         for field, prefix in (("sink_tokens", "sink"), ("recent_window", "recent"), ("rerank", "rerank")):
             if mod.startswith(prefix) and mod[len(prefix) :].isdigit():

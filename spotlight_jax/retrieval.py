@@ -71,7 +71,7 @@ def topk_by_score(scores, lengths, k_max, budget):
     s = scores.shape[-1]
     live = jnp.arange(s)[None, None, :] < lengths[:, None, None]
     _, idx = jax.lax.top_k(jnp.where(live, scores, -jnp.inf), k_max)
-    valid = jnp.arange(k_max)[None, None, :] < jnp.minimum(budget, lengths)[:, None, None]
+    valid = _keep_first(jnp.minimum(budget, lengths), k_max, idx.shape)
     return jnp.where(valid, idx, 0).astype(jnp.int32), valid
 
 
